@@ -1,0 +1,3 @@
+"""Root conftest: registers the fixture plugins shared by every test module."""
+
+pytest_plugins = ["tests.fakes.fixtures"]

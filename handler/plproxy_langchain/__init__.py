@@ -1,0 +1,1 @@
+"""plproxy_langchain: a LangChain callback handler that records calls through plproxy's pipeline."""
