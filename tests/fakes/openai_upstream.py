@@ -1,0 +1,692 @@
+"""A fake OpenAI API on loopback whose answers are deterministic functions of the request.
+
+The requested model picks the scenario:
+
+    any other model          chat/completions/embeddings answer normally ("echo: <last user text>")
+    fake-tools               chat: finish_reason "tool_calls" with two tool calls
+    fake-refusal             chat: a refusal instead of content
+    fake-many-chunks-N       exactly N content chunks when streamed (N words otherwise)
+    fake-error-400/401/429/500   that status with an OpenAI error body (429 carries Retry-After)
+    fake-hang                never answers (sleeps an hour)
+    fake-cut                 streamed: two content chunks, then the connection is aborted without [DONE];
+                             not streamed: half the body, then the connection is aborted
+
+Ids are derived from a hash of the request body, canonicalised (keys sorted, `stream_options` left
+out), and `created` is fixed, so a direct call and the same call through a proxy get byte-identical
+answers even when the proxy re-serialises the body or asks for stream usage.
+
+`GET /v1/gzip` answers `GZIP_BODY`, the gzip-compressed `GZIP_JSON`, with `Content-Encoding: gzip`.
+Any other path under `/v1/` answers 200 with a JSON echo of what arrived. Every request is recorded.
+
+Standalone: `python -m tests.fakes.openai_upstream --port N [--chunk-delay S] [--answer-delay S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gzip
+import hashlib
+import json
+import re
+import signal
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+__all__ = [
+    "CREATED",
+    "GZIP_BODY",
+    "GZIP_JSON",
+    "MODELS",
+    "FakeOpenAI",
+    "ReceivedRequest",
+    "StreamResult",
+    "create_app",
+]
+
+CREATED = 1_700_000_000
+SYSTEM_FINGERPRINT = "fp_fake"
+EMBEDDING_DIMENSIONS = 8
+HANG_SECONDS = 3600.0
+REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small", "fake-tools")
+DEFAULT_TOOLS = (("get_weather", {"city": "Paris"}), ("get_time", {"timezone": "Asia/Tokyo"}))
+
+GZIP_JSON = json.dumps(
+    {"object": "gzip.test", "message": "this body crossed the wire gzip-compressed", "items": list(range(32))}
+).encode()
+# mtime=0 keeps the compressed bytes identical from run to run.
+GZIP_BODY = gzip.compress(GZIP_JSON, mtime=0)
+
+ERRORS: dict[int, tuple[str, str, str | None, str | None]] = {
+    400: (
+        "Invalid value for 'messages': the fake was asked to fail.",
+        "invalid_request_error",
+        "messages",
+        None,
+    ),
+    401: (
+        "Incorrect API key provided: sk-fake***. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "invalid_request_error",
+        None,
+        "invalid_api_key",
+    ),
+    429: (
+        "Rate limit reached for fake-error-429 on requests per min (RPM): Limit 3, Used 3, Requested 1. "
+        "Please try again in 1s.",
+        "requests",
+        "requests",
+        "rate_limit_exceeded",
+    ),
+    500: (
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+        None,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request exactly as it arrived; `path` is decoded, `raw_path` and `path_qs` are not."""
+
+    method: str
+    path: str
+    raw_path: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class StreamResult:
+    """What became of one streamed answer: how many SSE events left, and how it ended."""
+
+    path: str
+    model: str
+    events_sent: int = 0
+    completed: bool = False
+    client_gone: bool = False
+    cut: bool = False
+
+
+@dataclass
+class _State:
+    chunk_delay: float = 0.0
+    answer_delay: float = 0.0
+    received: list[ReceivedRequest] = field(default_factory=list)
+    streams: list[StreamResult] = field(default_factory=list)
+
+
+STATE = web.AppKey("fake_openai_state", _State)
+
+
+class _OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None, code: str | None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        headers = {"Retry-After": "1"} if self.status == 429 else {}
+        return web.json_response(body, status=self.status, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _bad_request(message: str, param: str | None = None) -> _OpenAIError:
+    return _OpenAIError(400, message, "invalid_request_error", param, None)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _digest(body: dict[str, Any]) -> str:
+    canonical = {k: v for k, v in body.items() if k != "stream_options"}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _pieces(text: str) -> list[str]:
+    """Splits text into small word-sized deltas, each but the first with its leading space."""
+    return re.findall(r"\s*\S+", text) or [text]
+
+
+def _many_chunks(model: str) -> int | None:
+    if not model.startswith("fake-many-chunks-"):
+        return None
+    try:
+        n = int(model.removeprefix("fake-many-chunks-"))
+    except ValueError:
+        raise _bad_request(f"bad chunk count in model {model!r}", "model") from None
+    if n < 1:
+        raise _bad_request(f"bad chunk count in model {model!r}", "model")
+    return n
+
+
+def _answer_pieces(model: str, text: str, index: int) -> list[str]:
+    n = _many_chunks(model)
+    if n is not None:
+        return [f"{' ' if i else ''}t{i}" for i in range(n)]
+    prefix = "echo:" if index == 0 else f"echo[{index}]:"
+    return _pieces(f"{prefix} {text}" if text else prefix)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _positive_int(body: dict[str, Any], name: str, default: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _bad_request(f"Invalid value for '{name}': expected a positive integer.", name)
+    return value
+
+
+def _tool_calls(body: dict[str, Any], digest: str) -> list[dict[str, Any]]:
+    names = [
+        t["function"]["name"]
+        for t in body.get("tools") or []
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
+    ]
+    calls = []
+    for i, (default_name, args) in enumerate(DEFAULT_TOOLS):
+        name = names[i % len(names)] if names else default_name
+        call_id = "call_" + hashlib.sha256(f"{digest}:{i}".encode()).hexdigest()[:24]
+        calls.append(
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        )
+    return calls
+
+
+def _fragments(s: str, size: int = 6) -> list[str]:
+    return [s[i : i + size] for i in range(0, len(s), size)] or [""]
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+
+
+async def _scenario_gate(request: web.Request, model: str) -> None:
+    """Hangs or fails before any answer bytes, as the model asks."""
+    if model == "fake-hang":
+        await asyncio.sleep(HANG_SECONDS)
+    m = re.fullmatch(r"fake-error-(\d{3})", model)
+    if m and int(m.group(1)) in ERRORS:
+        message, type_, param, code = ERRORS[int(m.group(1))]
+        raise _OpenAIError(int(m.group(1)), message, type_, param, code)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        raise _bad_request("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise _bad_request("The request body must be a JSON object.")
+    if not isinstance(body.get("model"), str):
+        raise _bad_request("you must provide a model parameter", "model")
+    return body
+
+
+async def _send_json(request: web.Request, obj: Any, *, cut: bool) -> web.StreamResponse:
+    data = json.dumps(obj, indent=2).encode()
+    if not cut:
+        return web.Response(body=data, content_type="application/json")
+    resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+    await resp.prepare(request)
+    await resp.write(data[: len(data) // 2])
+    return _abort(request, resp)
+
+
+def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    # force_close stops aiohttp from reusing (or finishing) the connection; abort drops it without FIN.
+    request.protocol.force_close()
+    if request.transport is not None:
+        request.transport.abort()
+    return resp
+
+
+async def _send_stream(
+    request: web.Request, model: str, events: Iterator[bytes], *, cut_after: int | None = None
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    result = StreamResult(path=request.path, model=model)
+    state.streams.append(result)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    for event in [*events, b"data: [DONE]\n\n"]:
+        if result.events_sent and state.chunk_delay:
+            await asyncio.sleep(state.chunk_delay)
+        if cut_after is not None and result.events_sent == cut_after:
+            result.cut = True
+            return _abort(request, resp)
+        if request.transport is None or request.transport.is_closing():
+            result.client_gone = True
+            return resp
+        try:
+            await resp.write(event)
+        except ConnectionResetError:
+            result.client_gone = True
+            return resp
+        result.events_sent += 1
+    await resp.write_eof()
+    result.completed = True
+    return resp
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+
+# ---------------------------------------------------------------------------------------------- /v1/chat
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    model = body["model"]
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad_request("Invalid value for 'messages': expected a non-empty array.", "messages")
+    await _scenario_gate(request, model)
+    digest = _digest(body)
+    n = _positive_int(body, "n", 1)
+    user_text = next(
+        (
+            _text_of(m.get("content"))
+            for m in reversed(messages)
+            if isinstance(m, dict) and m.get("role") == "user"
+        ),
+        "",
+    )
+    prompt_tokens = sum(_words(_text_of(m.get("content"))) + 3 for m in messages if isinstance(m, dict))
+    base = {"id": "chatcmpl-" + digest[:29], "object": "chat.completion", "created": CREATED, "model": model}
+    tools = _tool_calls(body, digest) if model == "fake-tools" else None
+    refusal = _pieces(REFUSAL_TEXT) if model == "fake-refusal" else None
+    pieces = [_answer_pieces(model, user_text, i) for i in range(n)]
+    if tools:
+        completion_tokens = n * sum(len(_fragments(c["function"]["arguments"])) for c in tools)
+    else:
+        completion_tokens = sum(len(p) for p in (([refusal] * n) if refusal else pieces))
+    usage = _usage(prompt_tokens, completion_tokens)
+    finish = "tool_calls" if tools else "stop"
+
+    if not body.get("stream"):
+        choices = []
+        for i in range(n):
+            if tools:
+                message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": tools}
+            elif refusal:
+                message = {"role": "assistant", "content": None, "refusal": REFUSAL_TEXT}
+            else:
+                message = {"role": "assistant", "content": "".join(pieces[i]), "refusal": None}
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+        answer = {**base, "choices": choices, "usage": usage, "system_fingerprint": SYSTEM_FINGERPRINT}
+        return await _send_json(request, answer, cut=model == "fake-cut")
+
+    with_usage = _include_usage(body)
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        obj = {
+            **base,
+            "object": "chat.completion.chunk",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            **extra,
+        }
+        if with_usage:
+            obj.setdefault("usage", None)
+        return _sse(obj)
+
+    def delta(i: int, d: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": i, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+
+    def events() -> Iterator[bytes]:
+        if tools:
+            frags = [_fragments(c["function"]["arguments"]) for c in tools]
+            for i in range(n):
+                for k, c in enumerate(tools):
+                    head = {
+                        "index": k,
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["function"]["name"], "arguments": ""},
+                    }
+                    d = (
+                        {"role": "assistant", "content": None, "tool_calls": [head]}
+                        if k == 0
+                        else {"tool_calls": [head]}
+                    )
+                    yield chunk([delta(i, d)])
+                for j in range(max(len(f) for f in frags)):
+                    for k, f in enumerate(frags):
+                        if j < len(f):
+                            yield chunk(
+                                [delta(i, {"tool_calls": [{"index": k, "function": {"arguments": f[j]}}]})]
+                            )
+        else:
+            key = "refusal" if refusal else "content"
+            per_choice = [refusal] * n if refusal else pieces
+            for j in range(max(len(p) for p in per_choice)):
+                for i, p in enumerate(per_choice):
+                    if j < len(p):
+                        d = {"role": "assistant", key: p[j]} if j == 0 else {key: p[j]}
+                        yield chunk([delta(i, d)])
+        for i in range(n):
+            yield chunk([delta(i, {}, finish)])
+        if with_usage:
+            yield chunk([], usage=usage)
+
+    return await _send_stream(request, model, events(), cut_after=2 if model == "fake-cut" else None)
+
+
+# ------------------------------------------------------------------------------ /v1/completions
+
+
+def _prompts(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return [" ".join(map(str, value))]
+    if isinstance(value, list) and value:
+        return [v if isinstance(v, str) else " ".join(map(str, v)) for v in value]
+    raise _bad_request(f"Invalid value for '{name}'.", name)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    model = body["model"]
+    prompts = _prompts(body.get("prompt"), "prompt")
+    await _scenario_gate(request, model)
+    digest = _digest(body)
+    n = _positive_int(body, "n", 1)
+    texts = [_answer_pieces(model, p, j) for p in prompts for j in range(n)]
+    usage = _usage(sum(_words(p) for p in prompts), sum(len(t) for t in texts))
+    base = {"id": "cmpl-" + digest[:29], "object": "text_completion", "created": CREATED, "model": model}
+
+    if not body.get("stream"):
+        choices = [
+            {"text": "".join(t), "index": i, "logprobs": None, "finish_reason": "stop"}
+            for i, t in enumerate(texts)
+        ]
+        answer = {**base, "choices": choices, "usage": usage, "system_fingerprint": SYSTEM_FINGERPRINT}
+        return await _send_json(request, answer, cut=model == "fake-cut")
+
+    with_usage = _include_usage(body)
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        obj = {**base, "choices": choices, **extra}
+        if with_usage:
+            obj.setdefault("usage", None)
+        return _sse(obj)
+
+    def events() -> Iterator[bytes]:
+        for j in range(max(len(t) for t in texts)):
+            for i, t in enumerate(texts):
+                if j < len(t):
+                    yield chunk([{"text": t[j], "index": i, "logprobs": None, "finish_reason": None}])
+        for i in range(len(texts)):
+            yield chunk([{"text": "", "index": i, "logprobs": None, "finish_reason": "stop"}])
+        if with_usage:
+            yield chunk([], usage=usage)
+
+    return await _send_stream(request, model, events(), cut_after=2 if model == "fake-cut" else None)
+
+
+# ---------------------------------------------------------------------------------------------- others
+
+
+def embedding_vector(model: str, text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """The fake's embedding of `text`: multiples of 1/128 in [-1, 1), exact in float32 (so base64 agrees)."""
+    raw = hashlib.shake_256(f"{model}\0{text}".encode()).digest(dimensions)
+    return [(b - 128) / 128 for b in raw]
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    model = body["model"]
+    inputs = _prompts(body.get("input"), "input")
+    await _scenario_gate(request, model)
+    dims = _positive_int(body, "dimensions", EMBEDDING_DIMENSIONS)
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise _bad_request(
+            "Invalid value for 'encoding_format': expected 'float' or 'base64'.", "encoding_format"
+        )
+    data = []
+    for i, text in enumerate(inputs):
+        vector: Any = embedding_vector(model, text, dims)
+        if fmt == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = sum(max(1, _words(t)) for t in inputs)
+    answer = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return web.json_response(answer, dumps=_dumps)
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": CREATED, "owned_by": "fake"}
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"object": "list", "data": [_model(m) for m in MODELS]}, dumps=_dumps)
+
+
+async def get_model(request: web.Request, model_id: str) -> web.StreamResponse:
+    if model_id not in MODELS and not model_id.startswith("fake-"):
+        raise _OpenAIError(
+            404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
+        )
+    return web.json_response(_model(model_id), dumps=_dumps)
+
+
+async def gzip_body(request: web.Request) -> web.StreamResponse:
+    return web.Response(
+        body=GZIP_BODY, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    )
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    headers: dict[str, str] = {}
+    for k, v in request.headers.items():
+        headers[k] = f"{headers[k]}, {v}" if k in headers else v
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path,
+            "raw_path": request.rel_url.raw_path,
+            "query": request.query_string,
+            "headers": headers,
+            "body": (await request.read()).decode("utf-8", "replace"),
+        },
+        dumps=_dumps,
+    )
+
+
+ROUTES = {
+    ("POST", "/v1/chat/completions"): chat_completions,
+    ("POST", "/v1/completions"): completions,
+    ("POST", "/v1/embeddings"): embeddings,
+    ("GET", "/v1/models"): list_models,
+    ("GET", "/v1/gzip"): gzip_body,
+}
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await request.read()
+    state.received.append(
+        ReceivedRequest(
+            method=request.method,
+            path=request.path,
+            raw_path=request.rel_url.raw_path,
+            path_qs=request.rel_url.raw_path_qs,
+            headers=CIMultiDict(request.headers),
+            body=body,
+        )
+    )
+    raw_path = request.rel_url.raw_path
+    if state.answer_delay:
+        await asyncio.sleep(state.answer_delay)
+    try:
+        handler = ROUTES.get((request.method, raw_path))
+        if handler is not None:
+            return await handler(request)
+        if request.method == "GET" and raw_path.startswith("/v1/models/") and raw_path.count("/") == 3:
+            return await get_model(request, request.path.removeprefix("/v1/models/"))
+        if raw_path.startswith("/v1/"):
+            return await echo(request)
+        raise _OpenAIError(
+            404, f"Invalid URL ({request.method} {raw_path})", "invalid_request_error", None, None
+        )
+    except _OpenAIError as e:
+        return e.response()
+
+
+def _make_app(state: _State) -> web.Application:
+    # 64 MiB: image prompts are far above aiohttp's 1 MiB default.
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE] = state
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app
+
+
+def create_app(*, chunk_delay: float = 0.0, answer_delay: float = 0.0) -> web.Application:
+    """The fake as an application, for `aiohttp_client` or any runner."""
+    return _make_app(_State(chunk_delay=chunk_delay, answer_delay=answer_delay))
+
+
+class FakeOpenAI:
+    """The fake served on 127.0.0.1; `port=0` picks a free port, kept across `stop()`/`start()`."""
+
+    def __init__(self, *, chunk_delay: float = 0.0, answer_delay: float = 0.0, port: int = 0) -> None:
+        self._state = _State(chunk_delay=chunk_delay, answer_delay=answer_delay)
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """`http://127.0.0.1:PORT/v1`, what OPENAI_BASE_URL (or plproxy's upstream) should hold."""
+        return f"{self.origin}/v1"
+
+    @property
+    def origin(self) -> str:
+        if not self.port:
+            raise RuntimeError("FakeOpenAI has no port until start() has run")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def received(self) -> list[ReceivedRequest]:
+        return self._state.received
+
+    @property
+    def streams(self) -> list[StreamResult]:
+        return self._state.streams
+
+    @property
+    def chunk_delay(self) -> float:
+        return self._state.chunk_delay
+
+    @chunk_delay.setter
+    def chunk_delay(self, value: float) -> None:
+        self._state.chunk_delay = value
+
+    @property
+    def answer_delay(self) -> float:
+        return self._state.answer_delay
+
+    @answer_delay.setter
+    def answer_delay(self, value: float) -> None:
+        self._state.answer_delay = value
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("FakeOpenAI is already running")
+        runner = web.AppRunner(_make_app(self._state), access_log=None, shutdown_timeout=0.2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Closes the listener and every connection; idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = FakeOpenAI(chunk_delay=args.chunk_delay, answer_delay=args.answer_delay, port=args.port)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening on {server.base_url}", flush=True)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.openai_upstream", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed events")
+    parser.add_argument("--answer-delay", type=float, default=0.0, help="seconds before any answer")
+    asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
