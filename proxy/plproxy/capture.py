@@ -1,0 +1,141 @@
+"""What the proxy keeps of one call while relaying it, and how that becomes a PromptLayer body.
+
+The forwarder only appends bytes and parsed stream events here: decoding, decompressing, stream
+reassembly and mapping happen in `build_payload`, which the store's writer thread runs, off the event
+loop and after the client has its answer.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from plproxy.apis import CallKind
+from plproxy.mapping import to_log_request
+from plproxy.reassembly import assembler_for
+from plproxy.record import Annotations, LogRecord, Outcome
+
+# A response body larger than this is relayed in full but recorded only as its size.
+MAX_RECORDED_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(slots=True, kw_only=True)
+class Capture:
+    log_id: str
+    kind: CallKind
+    annotations: Annotations
+    request_body: bytes
+    start_time: float
+    end_time: float = 0.0
+    status_code: int | None = None
+    content_encoding: str = ""
+    is_stream: bool = False
+    body_chunks: list[bytes] = field(default_factory=list)
+    body_size: int = 0
+    # stream events: JSON text (from a pass-through relay) or already-parsed dicts (from a rewriting one)
+    events: list[str | dict[str, Any]] = field(default_factory=list)
+    stream_done: bool = False  # saw [DONE] or the API's own terminal event
+    outcome: Outcome | None = None  # set when the forwarder knows better than the body (cut, timeout, …)
+    error_message: str | None = None
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def add_body(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        if self.body_size <= MAX_RECORDED_BODY_BYTES:
+            self.body_chunks.append(chunk)
+
+    def build_payload(self) -> dict[str, Any]:
+        return to_log_request(self.to_record())
+
+    def to_record(self) -> LogRecord:
+        request = _json_object(self.request_body)
+        response: dict[str, Any] | None
+        outcome = self.outcome
+        error_message = self.error_message
+        if self.is_stream and self.status_code is not None and self.status_code < 400:
+            assembler = assembler_for(self.kind.api)
+            for event in self.events:
+                if isinstance(event, str):
+                    try:
+                        event = orjson.loads(event)
+                    except orjson.JSONDecodeError:
+                        continue
+                if isinstance(event, dict):
+                    assembler.add(event)
+            response = assembler.result()
+            if outcome is None and not (self.stream_done or assembler.finished):
+                outcome = Outcome.PARTIAL
+                error_message = error_message or "the stream ended before its last event"
+        else:
+            response = self._body_json()
+        if outcome is None:
+            if self.status_code is not None and self.status_code >= 400:
+                outcome = Outcome.UPSTREAM_ERROR
+            else:
+                outcome = Outcome.SUCCESS
+        if outcome is Outcome.UPSTREAM_ERROR and error_message is None:
+            error_message = _upstream_message(response, self.status_code)
+        return LogRecord(
+            log_id=self.log_id,
+            api=self.kind.api,
+            provider=self.kind.provider,
+            request=request,
+            response=response,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            outcome=outcome,
+            status_code=self.status_code,
+            error_message=error_message,
+            stream=self.is_stream,
+            model_hint=self.kind.model_hint,
+            annotations=self.annotations,
+            extra_metadata=self.extra_metadata,
+        )
+
+    def _body_json(self) -> dict[str, Any] | None:
+        if not self.body_chunks or self.body_size > MAX_RECORDED_BODY_BYTES:
+            return None
+        body = b"".join(self.body_chunks)
+        if self.content_encoding:
+            body = _decompress(body, self.content_encoding)
+        return _json_object(body)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, wbits=31)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(body)
+            except zlib.error:
+                return zlib.decompress(body, wbits=-15)
+    except zlib.error:
+        return b""
+    if encoding == "identity":
+        return body
+    return b""
+
+
+def _upstream_message(response: dict[str, Any] | None, status: int | None) -> str:
+    if response:
+        error = response.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+        if isinstance(response.get("message"), str):
+            return str(response["message"])
+    return f"upstream answered HTTP {status}"

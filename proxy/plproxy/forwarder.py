@@ -1,0 +1,367 @@
+"""The proxy handler: relays one call to its configured upstream and hands a capture of it to the store.
+
+Response bytes go back to the client as they arrive (streams event by event, never buffered whole);
+a copy is kept only for calls that are recorded. The client never waits for the record: it is built
+and written by the store's writer thread after the response is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from plproxy.apis import CallKind, classify
+from plproxy.capture import Capture
+from plproxy.errors import BadRequest, PayloadTooLarge, PlproxyError, UpstreamTimeout, UpstreamUnreachable
+from plproxy.metrics import Metrics
+from plproxy.pl_headers import PLHeaders, is_pl_header, parse_pl_headers
+from plproxy.record import Api, Outcome, new_log_id
+from plproxy.routing import Target, resolve
+from plproxy.settings import Settings
+from plproxy.sse import SSEDecoder, encode_event
+from plproxy.stream_usage import UsageInjection
+
+log = logging.getLogger("plproxy.access")
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set anew for the upstream by the client library, or handled by plproxy's own server.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# What plproxy can decode for the record; a recorded call asks the upstream for no other encoding.
+_DECODABLE_ENCODINGS = "gzip, deflate"
+
+SubmitCapture = Callable[[Capture, str | None, PLHeaders], None]
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def upstream_request_headers(headers: CIMultiDictProxy[str], *, recorded: bool) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, `Host`, and every `X-PL-*` header."""
+    named = _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _NOT_FORWARDED or lowered in named or is_pl_header(lowered):
+            continue
+        out.add(name, value)
+    if recorded and "Accept-Encoding" in out:
+        out["Accept-Encoding"] = _DECODABLE_ENCODINGS
+    return out
+
+
+def client_response_headers(headers: CIMultiDictProxy[str], *, rewritten: bool) -> CIMultiDict[str]:
+    named = _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in named:
+            continue
+        if rewritten and lowered == "content-length":
+            continue
+        out.add(name, value)
+    return out
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        submit: SubmitCapture,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._routes = settings.all_routes
+        self._session = session
+        self._submit = submit
+        self._metrics = metrics
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.time()
+        perf_start = time.perf_counter()
+        target = resolve(request.raw_path, self._routes)
+        pl = parse_pl_headers(request.headers.items())
+        kind = classify(request.method, target)
+        recorded = kind is not None and pl.log_enabled
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(
+                f"The request body is larger than {self._settings.max_body_mb} MiB (PLPROXY_MAX_BODY_MB)."
+            ) from None
+        call = _Call(self, request, target, pl, kind if recorded else None, body, started, perf_start)
+        return await call.run()
+
+
+class _Call:
+    """One relayed call; lives for the duration of the handler."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        request: web.Request,
+        target: Target,
+        pl: PLHeaders,
+        kind: CallKind | None,
+        body: bytes,
+        started: float,
+        perf_start: float,
+    ) -> None:
+        self.f = forwarder
+        self.request = request
+        self.target = target
+        self.pl = pl
+        self.body = body
+        self.perf_start = perf_start
+        self.upstream_wait = 0.0
+        self.model: str | None = None
+        self.injection: UsageInjection | None = None
+        self.capture: Capture | None = None
+        if kind is not None:
+            self.capture = Capture(
+                log_id=new_log_id(),
+                kind=kind,
+                annotations=pl.annotations,
+                request_body=body,
+                start_time=started,
+            )
+            self._inspect_body(kind)
+
+    def _inspect_body(self, kind: CallKind) -> None:
+        """Parse the JSON body only where something depends on it: the model label, usage injection."""
+        try:
+            parsed: Any = orjson.loads(self.body) if self.body else None
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(parsed, dict):
+            return
+        model = parsed.get("model")
+        self.model = model if isinstance(model, str) else kind.model_hint
+        if self.f._settings.stream_usage == "inject" and kind.api in (Api.CHAT, Api.COMPLETION):
+            self.injection = UsageInjection.for_request(parsed)
+            if self.injection is not None:
+                self.body = orjson.dumps(self.injection.request)
+
+    @property
+    def log_id(self) -> str | None:
+        return self.capture.log_id if self.capture else None
+
+    def _plproxy_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self.capture is not None:
+            headers["X-PL-Log-Id"] = self.capture.log_id
+        return headers
+
+    def _add_warnings(self, response: web.StreamResponse) -> None:
+        for warning in self.pl.warnings:
+            response.headers.add("X-PL-Warning", warning)
+
+    async def run(self) -> web.StreamResponse:
+        status = 0
+        try:
+            response = await self._relay()
+            status = response.status
+            return response
+        except PlproxyError as error:
+            status = error.status
+            error.headers.extend(self._plproxy_headers().items())
+            error.headers.extend(("X-PL-Warning", warning) for warning in self.pl.warnings)
+            raise
+        finally:
+            self._finish(status)
+
+    async def _relay(self) -> web.StreamResponse:
+        settings = self.f._settings
+        headers = upstream_request_headers(self.request.headers, recorded=self.capture is not None)
+        if self.injection is not None:
+            headers["Accept-Encoding"] = "identity"  # the stream is rewritten, so it must arrive plain
+        sent = time.perf_counter()
+        try:
+            upstream = await self.f._session.request(
+                self.request.method,
+                self.target.url,
+                headers=headers,
+                data=self.body if self.body else None,
+                allow_redirects=False,
+            )
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            self._fail(Outcome.TIMEOUT, f"the upstream sent no answer within {settings.read_timeout:g} s")
+            raise UpstreamTimeout(
+                f"The upstream did not answer within {settings.read_timeout:g} s (PLPROXY_READ_TIMEOUT)."
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._fail(Outcome.UNREACHABLE, f"the upstream could not be reached: {type(exc).__name__}")
+            raise UpstreamUnreachable(
+                f"The upstream {self.target.route.url.origin()} could not be reached ({type(exc).__name__})."
+            ) from None
+        self.upstream_wait += time.perf_counter() - sent
+        self.f._metrics.upstream_ttfb.labels(self.target.route.name).observe(time.perf_counter() - sent)
+        try:
+            return await self._relay_body(upstream)
+        finally:
+            upstream.release()
+
+    async def _relay_body(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        capture = self.capture
+        content_type = upstream.headers.get("Content-Type", "")
+        is_stream = content_type.startswith("text/event-stream")
+        rewriting = self.injection is not None and is_stream and upstream.status < 400
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream.headers, rewritten=rewriting),
+        )
+        for name, value in self._plproxy_headers().items():
+            response.headers[name] = value
+        self._add_warnings(response)
+        if capture is not None:
+            capture.status_code = upstream.status
+            capture.is_stream = is_stream
+            capture.content_encoding = upstream.headers.get("Content-Encoding", "")
+        await response.prepare(self.request)
+
+        decoder = SSEDecoder() if (capture is not None and is_stream) else None
+        streams = self.f._metrics.streams_in_flight
+        if is_stream:
+            streams.inc()
+        try:
+            content = upstream.content
+            while True:
+                waited = time.perf_counter()
+                chunk = await content.readany()
+                self.upstream_wait += time.perf_counter() - waited
+                if not chunk:
+                    break
+                if decoder is None:
+                    if capture is not None:
+                        capture.add_body(chunk)
+                    await response.write(chunk)
+                elif rewriting:
+                    out = self._rewrite_events(decoder.feed(chunk))
+                    if out:
+                        await response.write(out)
+                else:
+                    await response.write(chunk)
+                    self._keep_events(decoder.feed(chunk))
+            if decoder is not None:
+                tail = decoder.close()
+                if rewriting:
+                    out = self._rewrite_events(tail)
+                    if out:
+                        await response.write(out)
+                else:
+                    self._keep_events(tail)
+            await response.write_eof()
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            self._fail(Outcome.PARTIAL, "the upstream went silent for longer than the read timeout")
+            upstream.close()
+        except aiohttp.ClientPayloadError:
+            self._fail(Outcome.PARTIAL, "the upstream cut the response before its end")
+            upstream.close()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self._fail(Outcome.PARTIAL, "the client left before the response ended")
+            upstream.close()
+        except asyncio.CancelledError:
+            self._fail(Outcome.PARTIAL, "the client left before the response ended")
+            upstream.close()
+            raise
+        finally:
+            if is_stream:
+                streams.dec()
+        return response
+
+    def _keep_events(self, events: list[Any]) -> None:
+        capture = self.capture
+        assert capture is not None
+        for event in events:
+            data = event.data
+            if data == "[DONE]":
+                capture.stream_done = True
+            elif data:
+                capture.events.append(data)
+
+    def _rewrite_events(self, events: list[Any]) -> bytes:
+        """Keep the injected usage for the record and strip it from what the client receives."""
+        capture = self.capture
+        injection = self.injection
+        assert capture is not None and injection is not None
+        out: list[bytes] = []
+        for event in events:
+            data = event.data
+            if data == "[DONE]":
+                capture.stream_done = True
+                out.append(event.raw)
+                continue
+            try:
+                parsed = orjson.loads(data) if data else None
+            except orjson.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                out.append(event.raw)
+                continue
+            capture.events.append(parsed)
+            client_view = injection.client_view(parsed)
+            if client_view is not None:
+                out.append(encode_event(orjson.dumps(client_view), event.event))
+        return b"".join(out)
+
+    def _fail(self, outcome: Outcome, message: str) -> None:
+        if self.capture is not None and self.capture.outcome is None:
+            self.capture.outcome = outcome
+            self.capture.error_message = message
+
+    def _finish(self, status: int) -> None:
+        f = self.f
+        total = time.perf_counter() - self.perf_start
+        route = self.target.route.name
+        f._metrics.requests.labels(
+            route, self.request.method, f"{status // 100}xx" if status else "none", f._metrics.model_label(self.model)
+        ).inc()
+        f._metrics.request_duration.labels(route).observe(total)
+        f._metrics.overhead.labels(route).observe(max(total - self.upstream_wait, 0.0))
+        if self.capture is not None:
+            self.capture.end_time = time.time()
+            f._submit(self.capture, self.pl.api_key, self.pl)
+        log.info(
+            "call",
+            extra={
+                "fields": {
+                    "log_id": self.log_id,
+                    "method": self.request.method,
+                    "route": route,
+                    "path": self.target.path,
+                    "status": status,
+                    "duration_ms": round(total * 1000, 3),
+                    "upstream_ms": round(self.upstream_wait * 1000, 3),
+                    "model": self.model,
+                }
+            },
+        )
+
+
+__all__ = ["HOP_BY_HOP", "BadRequest", "Forwarder", "client_response_headers", "upstream_request_headers"]

@@ -1,0 +1,96 @@
+"""Running the server: listen, then on SIGTERM/SIGINT drain in-flight calls and flush the store.
+
+The stop sequence, in order: `/readyz` answers 503 at once (the listener stays open, so probes and
+late requests are still answered); in-flight calls, streams included, get up to `drain_timeout` to
+finish; then the listener closes and the exporter ships what it can within `flush_timeout`; whatever
+is left stays pending on disk for the next start. A second signal skips the rest of the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from plproxy import oplog
+from plproxy.app_keys import STATE
+from plproxy.server import create_app
+from plproxy.settings import Settings
+
+log = logging.getLogger("plproxy.serve")
+
+
+def serve(settings: Settings) -> int:
+    oplog.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from plproxy.workers import run_workers
+
+        return run_workers(settings)
+    return run_one(settings)
+
+
+def run_one(settings: Settings, *, reuse_port: bool = False) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_serve(settings, reuse_port=reuse_port))
+    return uvloop.run(_serve(settings, reuse_port=reuse_port))
+
+
+async def _serve(settings: Settings, *, reuse_port: bool) -> int:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that leaves cancels its call, and so the upstream request
+        shutdown_timeout=1.0,  # the drain below already waited; this only bounds stragglers
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=2048)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(f"plproxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    log.info(
+        "listening",
+        extra={
+            "fields": {
+                "address": f"http://{settings.host}:{settings.port}",
+                "upstream": str(settings.upstream),
+                "routes": [route.name for route in settings.routes],
+                "data_dir": str(settings.data_dir),
+                "promptlayer": "configured" if settings.promptlayer_api_key else "no key: records are kept",
+            }
+        },
+    )
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:
+            app[STATE].idle.set()  # a second signal: stop waiting for in-flight calls
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+
+    state = app[STATE]
+    state.draining = True
+    log.info("draining", extra={"fields": {"in_flight": state.in_flight, "deadline_s": settings.drain_timeout}})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), settings.drain_timeout)
+    if state.in_flight:
+        log.warning("drain deadline passed", extra={"fields": {"in_flight": state.in_flight}})
+    await runner.cleanup()
+    log.info("stopped")
+    return 0

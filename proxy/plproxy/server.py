@@ -1,0 +1,158 @@
+"""The aiohttp application: routes, the error middleware, and every async resource in `cleanup_ctx`.
+
+`create_app(settings, registry=...)` owns the one upstream `ClientSession`, the store and the exporter
+task; they open in that order and close in reverse. Shared state lives under typed `web.AppKey`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from plproxy import control_api
+from plproxy.app_keys import EXPORTER, FORWARDER, METRICS, SESSION, SETTINGS, STATE, STORE, ServerState
+from plproxy.capture import Capture
+from plproxy.errors import NotFound, PayloadTooLarge, PlproxyError, error_response
+from plproxy.exporter import Exporter
+from plproxy.forwarder import Forwarder
+from plproxy.metrics import Metrics
+from plproxy.pl_headers import PLHeaders
+from plproxy.settings import Settings
+from plproxy.store import Store
+
+log = logging.getLogger("plproxy.server")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except PlproxyError as error:
+        return error_response(error)
+    except web.HTTPRequestEntityTooLarge:
+        max_mb = request.app[SETTINGS].max_body_mb
+        return error_response(PayloadTooLarge(f"The request body is larger than {max_mb} MiB (PLPROXY_MAX_BODY_MB)."))
+    except web.HTTPNotFound:
+        return error_response(NotFound("No such endpoint."))
+    except web.HTTPMethodNotAllowed as exc:
+        error = PlproxyError(f"Method {request.method} is not allowed here.", code="method_not_allowed")
+        error.status, error.type = exc.status, "invalid_request_error"
+        return error_response(error)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    store = request.app.get(STORE)
+    problems = []
+    if state.draining:
+        problems.append("draining")
+    if store is None or not store.writable():
+        problems.append("store not writable")
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    metrics = request.app[METRICS]
+    store = request.app.get(STORE)
+    if store is not None:
+        metrics.store_writable.set(1 if store.writable() else 0)
+    response = web.Response(body=generate_latest(metrics.registry))
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.call_started()
+    try:
+        return await request.app[FORWARDER].handle(request)
+    finally:
+        state.call_ended()
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics(registry)
+    app[STATE] = ServerState()
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_pipeline)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    control_api.add_routes(app.router)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        # No total timeout: an LLM stream may run for minutes. Silence is what is bounded.
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        auto_decompress=False,  # the client receives the bytes exactly as the upstream sent them
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+    app[SESSION] = session
+    yield
+    await session.close()
+
+
+async def _pipeline(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    store = Store(
+        settings.store_path,
+        has_default_key=settings.promptlayer_api_key is not None,
+        max_bytes=settings.store_max_mb * 1024 * 1024,
+        metrics=metrics,
+    )
+    app[STORE] = store
+    pl_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+    exporter = Exporter(
+        store,
+        pl_session,
+        base_url=str(settings.promptlayer_base_url),
+        default_api_key=settings.promptlayer_api_key,
+        concurrency=settings.export_concurrency,
+        metrics=metrics,
+    )
+    app[EXPORTER] = exporter
+    store.on_commit = exporter.wake_threadsafe
+
+    def submit(capture: Capture, api_key: str | None, pl: PLHeaders) -> None:
+        store.submit(capture.log_id, capture.build_payload, api_key=api_key, followups=control_api.header_followups(pl))
+
+    app[FORWARDER] = Forwarder(settings, app[SESSION], submit, metrics)
+    task = asyncio.create_task(exporter.run(), name="plproxy-exporter")
+    yield
+    await asyncio.to_thread(store.flush_writes)
+    report = await exporter.flush(settings.flush_timeout)
+    log.info("flushed", extra={"fields": report.as_dict()})
+    await exporter.stop()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await pl_session.close()
+    await asyncio.to_thread(store.close)
