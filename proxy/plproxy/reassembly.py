@@ -195,8 +195,12 @@ class _ChatChoice:
             return
         tool_call = self.tool_calls.get(index)
         if tool_call is None:
-            tool_call = self.tool_calls[index] = _ToolCall()
-        tool_call.add(call)
+            tool_call = _ToolCall()
+            tool_call.add(call)
+            if tool_call.id or tool_call.name or tool_call.arguments:  # else nothing usable: no call
+                self.tool_calls[index] = tool_call
+        else:
+            tool_call.add(call)
 
     def result(self, index: int) -> dict[str, Any]:
         message: dict[str, Any] = {
