@@ -1,0 +1,509 @@
+"""The exporter: ships records from the store to PromptLayer in the background, then their follow-ups.
+
+One `Exporter` per process runs `run()` as a task. It claims due records from the store (leases keep two
+processes from sending the same record), POSTs each stored payload to `/log-request`, and marks the
+record exported, failed or due again:
+
+    2xx with an `id` (else `request_id`)           → exported; `on_exported(log_id, id)`
+    429                                            → retry after `Retry-After` (seconds or HTTP date); no
+                                                     new claims until then (the whole exporter pauses)
+    5xx, 408, connection errors, timeouts,         → retry with exponential backoff and full jitter,
+    2xx that is not JSON or names no id              capped at `max_backoff`; never given up
+    other 4xx (400/401/403/404/422, …)             → failed, with PromptLayer's answer (truncated)
+
+Follow-ups of exported records go to `/rest/track-{score,metadata,prompt,group}` with
+`{"request_id": id, **body}` under the same rules. Every call carries the key in `X-API-KEY` (the
+record's own key, else the default one) and never in a body; no log line or stored error holds a key.
+
+Concurrency: at most `concurrency` calls are in flight; a claim takes at most `batch_size` records and
+never more than there are free slots, so a record is leased only while it is actually being sent, and
+its lease (the call's timeout plus a margin) expires soon after a crash.
+
+The store is blocking (SQLite); every store call goes through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Final, Literal, TypeVar
+
+import aiohttp
+import orjson
+
+from plproxy.metrics import Metrics
+from plproxy.store import Claim, FollowupClaim, Store, redact
+
+log = logging.getLogger(__name__)
+
+FOLLOWUP_PATHS: Final = {
+    "score": "/rest/track-score",
+    "metadata": "/rest/track-metadata",
+    "prompt": "/rest/track-prompt",
+    "group": "/rest/track-group",
+}
+ERROR_MAX_CHARS: Final = 1000
+_LEASE_MARGIN = 30.0  # seconds a lease outlives the call it covers
+_BACKLOG_EVERY = 5.0  # seconds between refreshes of the backlog gauge
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class FlushReport:
+    exported: int  # records exported during the flush (by this exporter)
+    failed: int  # records PromptLayer refused for good during the flush
+    still_pending: int | None  # pending records left in the store; None if the store did not answer in time
+    deadline_reached: bool  # the flush stopped at its deadline rather than because nothing was due
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    kind: Literal["ok", "retry", "fail"]
+    data: Any = None
+    error: str = ""
+    retry_after: float | None = None  # from a 429's Retry-After
+
+
+class Exporter:
+    """Background shipping of the store's records to PromptLayer. `run()` as a task, `stop()` at the end."""
+
+    def __init__(
+        self,
+        store: Store,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        default_api_key: str | None,
+        batch_size: int = 50,
+        concurrency: int = 8,
+        max_backoff: float = 60.0,
+        base_backoff: float = 0.5,
+        request_timeout: float = 30.0,
+        poll_interval: float = 1.0,
+        max_retry_after: float = 3600.0,
+        metrics: Metrics | None = None,
+        on_exported: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
+        if batch_size < 1 or concurrency < 1:
+            raise ValueError("batch_size and concurrency must be at least 1")
+        self.store = store
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._default_key = default_api_key or None
+        self._batch_size = batch_size
+        self._concurrency = concurrency
+        self._max_backoff = max_backoff
+        self._base_backoff = base_backoff
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._lease_seconds = request_timeout + _LEASE_MARGIN
+        self._poll_interval = poll_interval
+        self._max_retry_after = max_retry_after
+        self._metrics = metrics
+        self._on_exported = on_exported
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._event = asyncio.Event()
+        self._pump_lock = asyncio.Lock()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._held_records: set[str] = set()
+        self._held_followups: set[int] = set()
+        self._paused_until = 0.0  # loop time; after a 429 nothing new is claimed before it
+        self._run_task: asyncio.Task[Any] | None = None
+        self._healthy = True
+        self._followups_first = False
+        self.exported_count = 0
+        self.failed_count = 0
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work was committed: look for it now. Thread-safe (the store's writer thread calls it)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._event.set()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+            loop.call_soon_threadsafe(self._event.set)
+
+    def start(self) -> asyncio.Task[None]:
+        """`run()` as a task of the running loop."""
+        return asyncio.get_running_loop().create_task(self.run(), name="plproxy-exporter")
+
+    async def run(self) -> None:
+        """The background loop. Returns only when cancelled (see `stop()`)."""
+        if self._run_task is not None and not self._run_task.done():
+            raise RuntimeError("this Exporter is already running")
+        self._bind_loop()
+        self._run_task = asyncio.current_task()
+        self.store.add_commit_listener(self.wake)
+        next_gauge = 0.0
+        try:
+            while True:
+                try:
+                    self._event.clear()
+                    claimed = await self._pump()
+                    if claimed and self._free_slots():
+                        continue  # there may be more due right now
+                    await self._wait_event(self._poll_interval)
+                    if self._metrics is not None and time.monotonic() >= next_gauge:
+                        next_gauge = time.monotonic() + _BACKLOG_EVERY
+                        await asyncio.to_thread(self.store.backlog)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("exporter_loop_error")
+                    await asyncio.sleep(self._poll_interval)
+        finally:
+            self.store.remove_commit_listener(self.wake)
+            self._run_task = None
+            await self._abandon_inflight()
+
+    async def flush(self, deadline_seconds: float) -> FlushReport:
+        """Send everything due before the deadline now; return by the deadline whatever happens."""
+        loop = self._bind_loop()
+        end = loop.time() + max(0.0, deadline_seconds)
+        wall_end = time.time() + max(0.0, deadline_seconds)
+        margin = min(0.25, deadline_seconds * 0.1)  # time kept for the report itself
+        exported0, failed0 = self.exported_count, self.failed_count
+        deadline_reached = False
+        try:
+            async with asyncio.timeout_at(end - margin):
+                await asyncio.to_thread(self.store.expedite, wall_end)
+                while True:
+                    self._event.clear()
+                    claimed = await self._pump()
+                    if self._paused_until > loop.time():
+                        if self._paused_until >= end:
+                            break  # PromptLayer asked us to wait past the deadline
+                        await self._wait_event(self._paused_until - loop.time())
+                        continue
+                    if self._inflight:
+                        await self._wait_event(self._poll_interval)
+                        continue
+                    if claimed:
+                        continue
+                    due = await asyncio.to_thread(self.store.next_due, require_own_key=self._needs_own_key)
+                    if due is None or due > wall_end:
+                        break
+                    await self._wait_event(max(0.0, due - time.time()))
+        except TimeoutError:
+            deadline_reached = True
+        still_pending: int | None = None
+        try:
+            async with asyncio.timeout_at(end):
+                if self._run_task is None:
+                    await self._abandon_inflight()
+                still_pending = await asyncio.to_thread(self.store.backlog)
+        except TimeoutError:
+            deadline_reached = True
+        return FlushReport(
+            exported=self.exported_count - exported0,
+            failed=self.failed_count - failed0,
+            still_pending=still_pending,
+            deadline_reached=deadline_reached,
+        )
+
+    async def stop(self) -> None:
+        """Cancel the loop and every call in flight; their records stay pending. Idempotent."""
+        task = self._run_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait([task])
+        await self._abandon_inflight()
+
+    # ---- claiming --------------------------------------------------------------------------------
+
+    @property
+    def _needs_own_key(self) -> bool:
+        return self._default_key is None
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        return loop
+
+    def _free_slots(self) -> int:
+        return self._concurrency - len(self._inflight)
+
+    async def _pump(self) -> int:
+        """Claim what is due, up to the free slots, and start sending it. Returns how many started."""
+        async with self._pump_lock:
+            loop = asyncio.get_running_loop()
+            if self._paused_until > loop.time():
+                return 0
+            started = 0
+            self._followups_first = not self._followups_first  # neither kind starves the other
+            kinds = ("followups", "records") if self._followups_first else ("records", "followups")
+            for kind in kinds:
+                free = self._free_slots()
+                if free <= 0:
+                    break
+                limit = min(self._batch_size, free)
+                if kind == "records":
+                    claims = await self._claim(
+                        self.store.claim_due,
+                        limit,
+                        time.time(),
+                        lease_seconds=self._lease_seconds,
+                        require_own_key=self._needs_own_key,
+                    )
+                    for claim in claims:
+                        self._held_records.add(claim.log_id)
+                        self._spawn(self._send_record(claim))
+                    started += len(claims)
+                else:
+                    fclaims = await self._claim(
+                        self.store.claim_due_followups,
+                        limit,
+                        time.time(),
+                        lease_seconds=self._lease_seconds,
+                        require_own_key=self._needs_own_key,
+                    )
+                    for fclaim in fclaims:
+                        self._held_followups.add(fclaim.id)
+                        self._spawn(self._send_followup(fclaim))
+                    started += len(fclaims)
+            return started
+
+    async def _claim(self, fn: Callable[..., list[T]], *args: Any, **kwargs: Any) -> list[T]:
+        # The claim runs in a thread: if we are cancelled meanwhile, what it claimed is released
+        # rather than left leased until the lease expires.
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_orphans)
+            raise
+        except Exception as exc:
+            log.error("exporter_claim_failed error=%s", redact(str(exc), self._default_key))
+            return []
+
+    def _release_orphans(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        claims = future.result()
+        records = [c.log_id for c in claims if isinstance(c, Claim)]
+        followups = [c.id for c in claims if isinstance(c, FollowupClaim)]
+        if claims and self._loop is not None and not self._loop.is_closed():
+            self._loop.run_in_executor(None, self._release_quietly, records, followups)
+
+    def _release_quietly(self, records: list[str], followups: list[int]) -> None:
+        try:
+            self.store.release(records, followups)
+        except Exception as exc:
+            log.warning("exporter_release_failed error=%s", exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._event.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("exporter_send_crashed error_type=%s", type(exc).__name__)
+
+    async def _abandon_inflight(self) -> None:
+        tasks = list(self._inflight)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        records, followups = list(self._held_records), list(self._held_followups)
+        self._held_records.clear()
+        self._held_followups.clear()
+        if records or followups:
+            await asyncio.to_thread(self._release_quietly, records, followups)
+
+    async def _wait_event(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), max(0.0, seconds))
+
+    # ---- sending ---------------------------------------------------------------------------------
+
+    async def _send_record(self, claim: Claim) -> None:
+        key = claim.api_key or self._default_key
+        answer = await self._post("log-request", "/log-request", claim.payload, key, claim.api_key)
+        pl_id = _request_id(answer.data) if answer.kind == "ok" else None
+        if answer.kind == "ok" and pl_id is None:
+            answer = _Answer("retry", error=f"PromptLayer's answer names no id: {_snippet(answer.data)}")
+        try:
+            if answer.kind == "ok":
+                assert pl_id is not None
+                if await asyncio.to_thread(self.store.mark_exported, claim.log_id, pl_id):
+                    self._exported(claim.log_id, pl_id)
+            elif answer.kind == "fail":
+                await asyncio.to_thread(self.store.mark_failed, claim.log_id, answer.error)
+                self._failed(claim.log_id, "log-request", answer.error)
+            else:
+                at = self._retry_at(answer, claim.attempts)
+                await asyncio.to_thread(self.store.retry_later, claim.log_id, at, answer.error)
+                self._retrying(claim.log_id, "log-request", answer.error, at)
+        except Exception as exc:  # the store is closed or broken: the lease expires, it is sent again
+            log.error("exporter_store_update_failed log_id=%s error=%s", claim.log_id, exc)
+        self._held_records.discard(claim.log_id)
+
+    async def _send_followup(self, claim: FollowupClaim) -> None:
+        key = claim.api_key or self._default_key
+        path = FOLLOWUP_PATHS[claim.kind]
+        endpoint = path.removeprefix("/rest/")
+        body = orjson.dumps({"request_id": claim.request_id, **claim.body})
+        answer = await self._post(endpoint, path, body, key, claim.api_key)
+        if answer.kind == "ok" and isinstance(answer.data, dict) and answer.data.get("success") is False:
+            answer = _Answer("fail", error=f"PromptLayer refused it: {_snippet(answer.data)}")
+        try:
+            if answer.kind == "ok":
+                await asyncio.to_thread(self.store.mark_followup_exported, claim.id)
+            elif answer.kind == "fail":
+                await asyncio.to_thread(self.store.mark_followup_failed, claim.id, answer.error)
+                log.warning(
+                    "followup_failed log_id=%s kind=%s error=%s", claim.log_id, claim.kind, answer.error
+                )
+            else:
+                at = self._retry_at(answer, claim.attempts)
+                await asyncio.to_thread(self.store.retry_followup_later, claim.id, at, answer.error)
+                self._retrying(claim.log_id, endpoint, answer.error, at)
+        except Exception as exc:
+            log.error("exporter_store_update_failed log_id=%s error=%s", claim.log_id, exc)
+        self._held_followups.discard(claim.id)
+
+    async def _post(
+        self, endpoint: str, path: str, body: bytes, key: str | None, own_key: str | None
+    ) -> _Answer:
+        """One PromptLayer call, its answer classified. Errors never contain a key."""
+        secrets = (key, own_key, self._default_key)
+        if key is None:
+            return _Answer("retry", error="no PromptLayer API key for this record")
+        headers = {"X-API-KEY": key, "Content-Type": "application/json"}
+        started = time.monotonic()
+        status_label = "error"
+        try:
+            async with self._session.post(
+                self._base_url + path,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                status_label = str(status)
+                retry_after = response.headers.get("Retry-After")
+                text = await response.read()
+        except TimeoutError:
+            status_label = "timeout"
+            return _Answer("retry", error=f"no answer from PromptLayer within {self._timeout.total}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            message = redact(str(exc), *secrets)[:ERROR_MAX_CHARS]
+            return _Answer("retry", error=f"cannot reach PromptLayer: {type(exc).__name__}: {message}")
+        except ValueError:  # aiohttp refuses a header value (a key with a newline): it can never work
+            return _Answer("fail", error="the API key is not a valid HTTP header value")
+        finally:
+            if self._metrics is not None:
+                self._metrics.export_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
+                self._metrics.promptlayer_responses.labels(endpoint=endpoint, status=status_label).inc()
+        answer_text = redact(text.decode("utf-8", "replace"), *secrets)
+        if 200 <= status < 300:
+            try:
+                return _Answer("ok", data=orjson.loads(text))
+            except orjson.JSONDecodeError:
+                return _Answer(
+                    "retry", error=f"PromptLayer answered {status} but not JSON: {answer_text[:200]}"
+                )
+        error = f"PromptLayer answered {status}: {answer_text}"[:ERROR_MAX_CHARS]
+        if status == 429:
+            return _Answer("retry", error=error, retry_after=_parse_retry_after(retry_after))
+        if status >= 500 or status == 408 or status < 400:
+            return _Answer("retry", error=error)
+        return _Answer("fail", error=error)
+
+    def _retry_at(self, answer: _Answer, attempts: int) -> float:
+        """Epoch time of the next attempt; a Retry-After also pauses the whole exporter until then."""
+        if answer.retry_after is not None:
+            delay = min(answer.retry_after, self._max_retry_after)
+            if self._loop is not None:
+                self._paused_until = max(self._paused_until, self._loop.time() + delay)
+        else:
+            cap = min(self._max_backoff, self._base_backoff * 2 ** min(attempts, 32))
+            delay = random.uniform(0, cap)  # noqa: S311 (jitter, not a secret)
+        return time.time() + delay
+
+    # ---- outcomes --------------------------------------------------------------------------------
+
+    def _exported(self, log_id: str, pl_id: int) -> None:
+        self.exported_count += 1
+        if not self._healthy:
+            self._healthy = True
+            log.warning("promptlayer_available")
+        if self._metrics is not None:
+            self._metrics.records.labels(outcome="exported").inc()
+        if self._on_exported is not None:
+            try:
+                self._on_exported(log_id, pl_id)
+            except Exception as exc:
+                log.warning("on_exported_failed log_id=%s error_type=%s", log_id, type(exc).__name__)
+
+    def _failed(self, log_id: str, endpoint: str, error: str) -> None:
+        self.failed_count += 1
+        if self._metrics is not None:
+            self._metrics.records.labels(outcome="failed").inc()
+        log.warning("export_failed log_id=%s endpoint=%s error=%s", log_id, endpoint, error[:300])
+
+    def _retrying(self, log_id: str, endpoint: str, error: str, at: float) -> None:
+        if self._metrics is not None:
+            self._metrics.export_retries.inc()
+        if self._healthy:
+            self._healthy = False  # one warning per outage; each retry is a debug line
+            log.warning("promptlayer_unavailable endpoint=%s error=%s", endpoint, error[:300])
+        log.debug(
+            "export_retry log_id=%s endpoint=%s in=%.2fs error=%s", log_id, endpoint, at - time.time(), error
+        )
+
+
+def _request_id(data: Any) -> int | None:
+    if not isinstance(data, dict):
+        return None
+    for name in ("id", "request_id"):
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _snippet(data: Any) -> str:
+    return orjson.dumps(data).decode()[:200] if data is not None else "null"
