@@ -11,9 +11,10 @@ The requested model picks the scenario:
     fake-cut                 streamed: two content chunks, then the connection is aborted without [DONE];
                              not streamed: half the body, then the connection is aborted
 
-Ids are derived from a hash of the request body, canonicalised (keys sorted, `stream_options` left
-out), and `created` is fixed, so a direct call and the same call through a proxy get byte-identical
-answers even when the proxy re-serialises the body or asks for stream usage.
+Ids are derived from a hash of the request body, canonicalised (keys sorted, `stream` and
+`stream_options` left out), and `created` is fixed, so a direct call and the same call through a proxy
+get byte-identical answers even when the proxy re-serialises the body or asks for stream usage, and a
+streamed answer carries the id of its non-streamed twin.
 
 `GET /v1/gzip` answers `GZIP_BODY`, the gzip-compressed `GZIP_JSON`, with `Content-Encoding: gzip`.
 Any other path under `/v1/` answers 200 with a JSON echo of what arrived. Every request is recorded.
@@ -155,7 +156,7 @@ def _bad_request(message: str, param: str | None = None) -> _OpenAIError:
 
 
 def _digest(body: dict[str, Any]) -> str:
-    canonical = {k: v for k, v in body.items() if k != "stream_options"}
+    canonical = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -657,6 +658,10 @@ class FakeOpenAI:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+            # A few turns of the loop let in-process clients see their pooled connections closed, so
+            # their next request meets the closed listener instead of a dead keep-alive socket.
+            for _ in range(3):
+                await asyncio.sleep(0)
 
     async def __aenter__(self) -> FakeOpenAI:
         await self.start()

@@ -309,6 +309,10 @@ class PromptLayerStandIn:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+            # A few turns of the loop let in-process clients see their pooled connections closed, so
+            # their next request meets the closed listener instead of a dead keep-alive socket.
+            for _ in range(3):
+                await asyncio.sleep(0)
 
     async def __aenter__(self) -> PromptLayerStandIn:
         await self.start()
