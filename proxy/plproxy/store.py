@@ -294,6 +294,8 @@ class Store:
         self._give_up_at: float | None = None  # set by close(): the writer stops retrying then
         self._writable = False
         self._ops_closed = False
+        self._next_refusal_warning = 0.0
+        self._refused_since_warning = 0
 
         _prepare_dir(Path(data_dir))
         self._ops = self._connect("NORMAL")
@@ -702,12 +704,17 @@ class Store:
         for r in rows:
             size = len(r.payload or b"") + _ROW_OVERHEAD
             if r.payload is not None and used + size > self._max_bytes:
-                log.warning(
-                    "store_over_cap_refused log_id=%s used_bytes=%d max_bytes=%d",
-                    r.log_id,
-                    used,
-                    self._max_bytes,
-                )
+                self._refused_since_warning += 1
+                if time.monotonic() >= self._next_refusal_warning:  # one line a minute, not one a record
+                    self._next_refusal_warning = time.monotonic() + 60
+                    log.warning(
+                        "store_over_cap_refused log_id=%s refused=%d used_bytes=%d max_bytes=%d",
+                        r.log_id,
+                        self._refused_since_warning,
+                        used,
+                        self._max_bytes,
+                    )
+                    self._refused_since_warning = 0
                 r = _Row(
                     r.log_id,
                     r.created,
