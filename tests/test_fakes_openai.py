@@ -49,7 +49,7 @@ def _sse_events(raw: bytes) -> list[str]:
     return [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
 
 
-# ---------------------------------------------------------------------------------------------- chat
+# --- chat -----------------------------------------------------------------------------------------
 
 
 async def test_chat_echoes_the_last_user_message(client: AsyncOpenAI, fake_openai: FakeOpenAI) -> None:
@@ -304,7 +304,7 @@ async def test_error_models_raise_the_matching_openai_exception(
         assert (caught.value.response.headers.get("retry-after") is not None) == (status == 429)
 
 
-# ---------------------------------------------------------------------------------------------- others
+# --- others ---------------------------------------------------------------------------------------
 
 
 async def test_legacy_completions(client: AsyncOpenAI) -> None:

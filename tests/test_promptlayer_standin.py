@@ -76,7 +76,7 @@ async def _log(session: aiohttp.ClientSession, pl: PromptLayerStandIn, body: Any
     return int(answer["id"])
 
 
-# ---------------------------------------------------------------------------------------------- schema
+# --- schema ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("capture", LOG_CAPTURES, ids=lambda p: p.stem)
@@ -256,7 +256,7 @@ def test_promptlayer_schema_fixture(promptlayer_schema: PromptLayerSchema) -> No
         validate_followup("/track-score", {})
 
 
-# ---------------------------------------------------------------------------------------------- answers
+# --- answers --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("headers", "message"), [({}, "Missing"), ({"X-API-KEY": "pl_invalid"}, "Invalid")])
@@ -333,7 +333,7 @@ async def test_wait_for_log_requests(promptlayer: PromptLayerStandIn, session: a
         await promptlayer.wait_for_log_requests(3, timeout=0.1)
 
 
-# ---------------------------------------------------------------------------------------------- faults
+# --- faults ---------------------------------------------------------------------------------------
 
 
 async def test_down_refuses_connections_and_restarts_on_the_same_port(

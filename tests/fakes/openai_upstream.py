@@ -19,7 +19,9 @@ streamed answer carries the id of its non-streamed twin.
 `GET /v1/gzip` answers `GZIP_BODY`, the gzip-compressed `GZIP_JSON`, with `Content-Encoding: gzip`.
 Any other path under `/v1/` answers 200 with a JSON echo of what arrived. Every request is recorded.
 
-Standalone: `python -m tests.fakes.openai_upstream --port N [--chunk-delay S] [--answer-delay S]`.
+Standalone: `python -m tests.fakes.openai_upstream --port N [--chunk-delay S] [--answer-delay S]
+[--record]` prints "listening on http://127.0.0.1:N/v1" and serves until SIGTERM, keeping nothing in
+memory unless `--record`.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class StreamResult:
 class _State:
     chunk_delay: float = 0.0
     answer_delay: float = 0.0
+    record: bool = True
     received: list[ReceivedRequest] = field(default_factory=list)
     streams: list[StreamResult] = field(default_factory=list)
 
@@ -152,7 +155,7 @@ def _bad_request(message: str, param: str | None = None) -> _OpenAIError:
     return _OpenAIError(400, message, "invalid_request_error", param, None)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def _digest(body: dict[str, Any]) -> str:
@@ -238,7 +241,7 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
-# ---------------------------------------------------------------------------------------------- scenarios
+# --- scenarios ------------------------------------------------------------------------------------
 
 
 async def _scenario_gate(request: web.Request, model: str) -> None:
@@ -286,7 +289,8 @@ async def _send_stream(
 ) -> web.StreamResponse:
     state = request.app[STATE]
     result = StreamResult(path=request.path, model=model)
-    state.streams.append(result)
+    if state.record:
+        state.streams.append(result)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     for event in [*events, b"data: [DONE]\n\n"]:
@@ -314,7 +318,7 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(opts, dict) and bool(opts.get("include_usage"))
 
 
-# ---------------------------------------------------------------------------------------------- /v1/chat
+# --- /v1/chat -------------------------------------------------------------------------------------
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -415,7 +419,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _send_stream(request, model, events(), cut_after=2 if model == "fake-cut" else None)
 
 
-# ------------------------------------------------------------------------------ /v1/completions
+# --- /v1/completions ------------------------------------------------------------------------------
 
 
 def _prompts(value: Any, name: str) -> list[str]:
@@ -468,7 +472,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _send_stream(request, model, events(), cut_after=2 if model == "fake-cut" else None)
 
 
-# ---------------------------------------------------------------------------------------------- others
+# --- others ---------------------------------------------------------------------------------------
 
 
 def embedding_vector(model: str, text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
@@ -555,16 +559,17 @@ ROUTES = {
 async def dispatch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await request.read()
-    state.received.append(
-        ReceivedRequest(
-            method=request.method,
-            path=request.path,
-            raw_path=request.rel_url.raw_path,
-            path_qs=request.rel_url.raw_path_qs,
-            headers=CIMultiDict(request.headers),
-            body=body,
+    if state.record:
+        state.received.append(
+            ReceivedRequest(
+                method=request.method,
+                path=request.path,
+                raw_path=request.rel_url.raw_path,
+                path_qs=request.rel_url.raw_path_qs,
+                headers=CIMultiDict(request.headers),
+                body=body,
+            )
         )
-    )
     raw_path = request.rel_url.raw_path
     if state.answer_delay:
         await asyncio.sleep(state.answer_delay)
@@ -599,8 +604,11 @@ def create_app(*, chunk_delay: float = 0.0, answer_delay: float = 0.0) -> web.Ap
 class FakeOpenAI:
     """The fake served on 127.0.0.1; `port=0` picks a free port, kept across `stop()`/`start()`."""
 
-    def __init__(self, *, chunk_delay: float = 0.0, answer_delay: float = 0.0, port: int = 0) -> None:
-        self._state = _State(chunk_delay=chunk_delay, answer_delay=answer_delay)
+    def __init__(
+        self, *, chunk_delay: float = 0.0, answer_delay: float = 0.0, port: int = 0, record: bool = True
+    ) -> None:
+        """`record=False` (the standalone default) keeps nothing in memory, for long benchmark runs."""
+        self._state = _State(chunk_delay=chunk_delay, answer_delay=answer_delay, record=record)
         self.port = port
         self._runner: web.AppRunner | None = None
 
@@ -672,7 +680,9 @@ class FakeOpenAI:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    server = FakeOpenAI(chunk_delay=args.chunk_delay, answer_delay=args.answer_delay, port=args.port)
+    server = FakeOpenAI(
+        chunk_delay=args.chunk_delay, answer_delay=args.answer_delay, port=args.port, record=args.record
+    )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -690,6 +700,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--answer-delay", type=float, default=0.0, help="seconds before any answer")
+    parser.add_argument("--record", action="store_true", help="keep every request in memory")
     asyncio.run(_serve(parser.parse_args(argv)))
 
 
