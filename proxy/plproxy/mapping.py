@@ -8,6 +8,7 @@ Responses API or Anthropic Messages means adding an entry, not touching the chat
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -81,6 +82,19 @@ def _scrub(value: Any) -> Any:
                 if not (isinstance(k, str) and is_credential_key(k)) and not _looks_like_credential(v)}
     if isinstance(value, list):
         return [_scrub(v) for v in value if not _looks_like_credential(v)]
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)  # beyond what JSON encoders (orjson) write as a number
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """`value`, with integers beyond 64 bits as strings (orjson, which ships the body, refuses them)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
     return value
 
 
@@ -90,7 +104,10 @@ def iso_time(epoch: float) -> str:
 
 
 def _json_text(value: object) -> str:
-    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # integers beyond 64 bits, from a Python caller rather than a JSON body
+        return json.dumps(value, default=str, ensure_ascii=False)
 
 
 def _text(text: str) -> dict[str, Any]:
@@ -225,7 +242,7 @@ def _function(function: object) -> dict[str, Any] | None:
     if isinstance(function.get("description"), str):
         out["description"] = function["description"]
     if isinstance(function.get("parameters"), dict):
-        out["parameters"] = function["parameters"]
+        out["parameters"] = _json_safe(function["parameters"])
     if isinstance(function.get("strict"), bool):
         out["strict"] = function["strict"]
     return out
@@ -486,7 +503,7 @@ def to_log_request(record: LogRecord) -> dict[str, Any]:
     if isinstance(version, int) and not isinstance(version, bool) and version > 0:
         body["prompt_version_number"] = version
     if annotations.prompt_input_variables:
-        body["prompt_input_variables"] = dict(annotations.prompt_input_variables)
+        body["prompt_input_variables"] = _json_safe(dict(annotations.prompt_input_variables))
     score = annotations.score
     if isinstance(score, int) and not isinstance(score, bool) and 0 <= score <= 100:
         body["score"] = score
