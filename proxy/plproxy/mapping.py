@@ -82,9 +82,7 @@ def _scrub(value: Any) -> Any:
                 if not (isinstance(k, str) and is_credential_key(k)) and not _looks_like_credential(v)}
     if isinstance(value, list):
         return [_scrub(v) for v in value if not _looks_like_credential(v)]
-    if isinstance(value, int) and not -(2**63) <= value < 2**64:
-        return str(value)  # beyond what JSON encoders (orjson) write as a number
-    return value
+    return _json_safe(value)
 
 
 def _json_safe(value: Any) -> Any:
