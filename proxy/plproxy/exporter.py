@@ -121,6 +121,7 @@ class Exporter:
         self._held_followups: set[int] = set()
         self._paused_until = 0.0  # loop time; after a 429 nothing new is claimed before it
         self._run_task: asyncio.Task[Any] | None = None
+        self._stopping = False
         self._healthy = True
         self._followups_first = False
         self.exported_count = 0
@@ -148,11 +149,12 @@ class Exporter:
         if self._run_task is not None and not self._run_task.done():
             raise RuntimeError("this Exporter is already running")
         self._bind_loop()
+        self._stopping = False
         self._run_task = asyncio.current_task()
         self.store.add_commit_listener(self.wake)
         next_gauge = 0.0
         try:
-            while True:
+            while not self._stopping:
                 try:
                     self._event.clear()
                     claimed = await self._pump()
@@ -219,10 +221,12 @@ class Exporter:
 
     async def stop(self) -> None:
         """Cancel the loop and every call in flight; their records stay pending. Idempotent."""
+        self._stopping = True
         task = self._run_task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.wait([task])
+        if task is not None and task is not asyncio.current_task():
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.5)
         await self._abandon_inflight()
 
     # ---- claiming --------------------------------------------------------------------------------
@@ -332,8 +336,11 @@ class Exporter:
             await asyncio.to_thread(self._release_quietly, records, followups)
 
     async def _wait_event(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives just as
+        # the event is set, and the loop would then never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), max(0.0, seconds))
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._event.wait()
 
     # ---- sending ---------------------------------------------------------------------------------
 
