@@ -137,7 +137,9 @@ def test_kubernetes_validate_strict(path: Path, version: str) -> None:
 
 
 def test_only_the_service_monitor_skips_schema_validation() -> None:
-    custom = {(doc["apiVersion"], doc["kind"]) for _, doc in all_k8s_objects() if "coreos" in doc["apiVersion"]}
+    custom = {
+        (doc["apiVersion"], doc["kind"]) for _, doc in all_k8s_objects() if "coreos" in doc["apiVersion"]
+    }
     assert custom == CUSTOM_RESOURCES
 
 
@@ -145,7 +147,9 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
     """The validator is live: a misspelt field in a container is refused, in a sidecar too."""
     deployment = load_docs(K8S / "sidecar-native.yaml")[0]
     broken = deepcopy(deployment)
-    broken["spec"]["template"]["spec"]["initContainers"][0]["readinesProbe"] = {"httpGet": {"path": "/", "port": 1}}
+    broken["spec"]["template"]["spec"]["initContainers"][0]["readinesProbe"] = {
+        "httpGet": {"path": "/", "port": 1}
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, OLDEST_KUBERNETES, strict=True)
     wrong_type = deepcopy(deployment)
@@ -170,7 +174,7 @@ class PlproxyContainer:
         return f"{self.path.name}:{self.workload['metadata']['name']}/{self.container['name']}"
 
     def env(self) -> dict[str, str]:
-        """The environment plproxy sees: image defaults, then envFrom ConfigMaps, then env (literal values)."""
+        """The environment plproxy sees: image defaults, then envFrom ConfigMaps, then literal env values."""
         values = dockerfile_env()
         config_maps = {
             doc["metadata"]["name"]: doc.get("data", {})
@@ -179,7 +183,9 @@ class PlproxyContainer:
         }
         for source in self.container.get("envFrom", []):
             name = source["configMapRef"]["name"]
-            assert name in config_maps, f"{self.id}: envFrom names ConfigMap {name!r}, defined nowhere in deploy/"
+            assert name in config_maps, (
+                f"{self.id}: envFrom names ConfigMap {name!r}, defined nowhere in deploy/"
+            )
             values.update({k: str(v) for k, v in config_maps[name].items()})
         for item in self.container.get("env", []):
             if "value" in item:
@@ -239,7 +245,8 @@ def probe_port(container: dict[str, Any], port: int | str) -> int:
 def test_plproxy_image_is_pinned(item: PlproxyContainer) -> None:
     image = item.container["image"]
     name, _, tag = image.rpartition(":")
-    assert name and "/" not in tag and tag not in ("", "latest"), f"{item.id}: pin a tag, not {image!r}"
+    pinned = bool(name) and "/" not in tag and tag not in ("", "latest")
+    assert pinned, f"{item.id}: pin a tag, not {image!r}"
 
 
 @pytest.mark.parametrize("item", CONTAINERS, ids=by_id)
@@ -270,7 +277,8 @@ def test_plproxy_resources(item: PlproxyContainer) -> None:
     resources = item.container.get("resources", {})
     requests, limits = resources.get("requests", {}), resources.get("limits", {})
     for key in ("cpu", "memory"):
-        assert key in requests and key in limits, f"{item.id}: set requests and limits for {key}"
+        assert key in requests, f"{item.id}: set requests.{key}"
+        assert key in limits, f"{item.id}: set limits.{key}"
     assert quantity_cpu(requests["cpu"]) <= quantity_cpu(limits["cpu"])
     assert quantity_bytes(requests["memory"]) <= quantity_bytes(limits["memory"])
     assert quantity_bytes(requests["memory"]) >= 64 * 2**20
@@ -289,7 +297,9 @@ def test_plproxy_security_context(item: PlproxyContainer) -> None:
     assert sc.get("capabilities", {}).get("drop") == ["ALL"]
     assert not sc.get("capabilities", {}).get("add")
     assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}
-    assert not item.pod.get("hostNetwork") and not item.pod.get("hostPID") and not item.pod.get("hostIPC")
+    assert not item.pod.get("hostNetwork")
+    assert not item.pod.get("hostPID")
+    assert not item.pod.get("hostIPC")
 
 
 @pytest.mark.parametrize("item", CONTAINERS, ids=by_id)
@@ -307,8 +317,11 @@ def test_plproxy_key_comes_from_the_example_secret(item: PlproxyContainer) -> No
     assert ref["name"] in secrets, f"{item.id}: Secret {ref['name']!r} is not in the example"
     assert ref["key"] in secrets[ref["name"]]["stringData"]
     for source in item.container.get("envFrom", []):
-        config_map = next(d for _, d in all_k8s_objects() if d["kind"] == "ConfigMap"
-                          and d["metadata"]["name"] == source["configMapRef"]["name"])
+        config_map = next(
+            d
+            for _, d in all_k8s_objects()
+            if d["kind"] == "ConfigMap" and d["metadata"]["name"] == source["configMapRef"]["name"]
+        )
         assert "PROMPTLAYER_API_KEY" not in config_map.get("data", {})
 
 
@@ -322,7 +335,9 @@ def test_plproxy_volumes(item: PlproxyContainer) -> None:
     store = volumes[mounts[data_dir]]
     assert {"emptyDir", "persistentVolumeClaim", "ephemeral"} & set(store), f"{item.id}: store volume kind"
     if "emptyDir" in store:
-        assert store["emptyDir"].get("medium") != "Memory", "a Memory emptyDir counts against the memory limit"
+        assert store["emptyDir"].get("medium") != "Memory", (
+            "a Memory emptyDir counts against the memory limit"
+        )
         limit = store["emptyDir"].get("sizeLimit")
         assert limit, f"{item.id}: give the store emptyDir a sizeLimit"
         # A pod whose emptyDir outgrows sizeLimit is evicted: the store's own cap must stay well below.
@@ -343,7 +358,8 @@ def pre_stop_seconds(container: dict[str, Any]) -> int:
     if "sleep" in pre_stop:
         return int(pre_stop["sleep"]["seconds"])
     command = pre_stop["exec"]["command"]
-    assert command[0] == "sleep" and len(command) == 2, f"preStop must be a plain sleep, not {command}"
+    assert command[:1] == ["sleep"], f"preStop must be a plain sleep, not {command}"
+    assert len(command) == 2, f"preStop must be a plain sleep, not {command}"
     return int(command[1])
 
 
@@ -414,7 +430,8 @@ def test_classic_sidecar() -> None:
     assert "restartPolicy" not in item.container
     assert item.pod["containers"][0] is item.container, "plproxy first: its postStart gates the app's start"
     post_start = item.container["lifecycle"]["postStart"]["exec"]["command"]
-    assert post_start[:2] == ["python", "-c"] and "/healthz" in post_start[2]
+    assert post_start[:2] == ["python", "-c"]
+    assert "/healthz" in post_start[2]
     compile(post_start[2], "postStart", "exec")
     assert pre_stop_seconds(item.container) > 0
     assert_app_points_at_sidecar(item)
@@ -465,15 +482,23 @@ def test_gateway() -> None:
     [item] = [c for c in CONTAINERS if c.path.name == "gateway.yaml"]
 
     assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
-    assert "PLPROXY_WORKERS" in item.env() and int(item.setting("PLPROXY_WORKERS")) >= 2
+    assert "PLPROXY_WORKERS" in item.env()
+    assert int(item.setting("PLPROXY_WORKERS")) >= 2
     # Replicas belong to the autoscaler; at least two keep the gateway up through a pod's restart.
     assert deployment["spec"].get("replicas", 2) >= 2
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": deployment["metadata"]["name"]}
-    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
-    cpu_metrics = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
-    assert cpu_metrics and "cpu" in item.container["resources"]["requests"], "CPU utilisation needs a request"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    cpu_metrics = [
+        m for m in hpa["spec"]["metrics"] if m["type"] == "Resource" and m["resource"]["name"] == "cpu"
+    ]
+    assert cpu_metrics
+    assert "cpu" in item.container["resources"]["requests"], "CPU utilisation needs a CPU request"
 
     assert pdb["apiVersion"] == "policy/v1"
     assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
@@ -510,14 +535,45 @@ def test_no_real_key_anywhere_in_deploy_files() -> None:
 
 
 SERVICE_MONITOR_SPEC = {
-    "attachMetadata", "bodySizeLimit", "endpoints", "jobLabel", "keepDroppedTargets", "labelLimit",
-    "labelNameLengthLimit", "labelValueLengthLimit", "namespaceSelector", "podTargetLabels", "sampleLimit",
-    "scrapeClass", "scrapeProtocols", "selector", "targetLabels", "targetLimit",
+    "attachMetadata",
+    "bodySizeLimit",
+    "endpoints",
+    "jobLabel",
+    "keepDroppedTargets",
+    "labelLimit",
+    "labelNameLengthLimit",
+    "labelValueLengthLimit",
+    "namespaceSelector",
+    "podTargetLabels",
+    "sampleLimit",
+    "scrapeClass",
+    "scrapeProtocols",
+    "selector",
+    "targetLabels",
+    "targetLimit",
 }
 SERVICE_MONITOR_ENDPOINT = {
-    "authorization", "basicAuth", "bearerTokenFile", "bearerTokenSecret", "enableHttp2", "filterRunning",
-    "followRedirects", "honorLabels", "honorTimestamps", "interval", "metricRelabelings", "oauth2", "params",
-    "path", "port", "proxyUrl", "relabelings", "scheme", "scrapeTimeout", "targetPort", "tlsConfig",
+    "authorization",
+    "basicAuth",
+    "bearerTokenFile",
+    "bearerTokenSecret",
+    "enableHttp2",
+    "filterRunning",
+    "followRedirects",
+    "honorLabels",
+    "honorTimestamps",
+    "interval",
+    "metricRelabelings",
+    "oauth2",
+    "params",
+    "path",
+    "port",
+    "proxyUrl",
+    "relabelings",
+    "scheme",
+    "scrapeTimeout",
+    "targetPort",
+    "tlsConfig",
     "trackTimestampsStaleness",
 }
 
@@ -537,7 +593,9 @@ def test_service_monitor_structure() -> None:
     assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", monitor["metadata"]["name"])
     spec = monitor["spec"]
-    assert set(spec) <= SERVICE_MONITOR_SPEC, f"unknown ServiceMonitor fields: {set(spec) - SERVICE_MONITOR_SPEC}"
+    assert set(spec) <= SERVICE_MONITOR_SPEC, (
+        f"unknown ServiceMonitor fields: {set(spec) - SERVICE_MONITOR_SPEC}"
+    )
     assert set(spec["selector"]) <= {"matchLabels", "matchExpressions"}
     assert all(isinstance(label, str) for label in spec.get("podTargetLabels", []))
     selected = [s for s in services if selects(spec["selector"]["matchLabels"], s["metadata"]["labels"])]
@@ -556,8 +614,11 @@ def test_service_monitor_structure() -> None:
 def test_metrics_services_reach_plproxy() -> None:
     """Each metrics Service selects pods that run plproxy, on plproxy's port."""
     for service in (d for d in load_docs(K8S / "monitoring.yaml") if d["kind"] == "Service"):
-        targets = [c for c in CONTAINERS if selects(service["spec"]["selector"],
-                                                    c.workload["spec"]["template"]["metadata"]["labels"])]
+        targets = [
+            c
+            for c in CONTAINERS
+            if selects(service["spec"]["selector"], c.workload["spec"]["template"]["metadata"]["labels"])
+        ]
         assert targets, f"{service['metadata']['name']} selects no pod running plproxy"
         for port in service["spec"]["ports"]:
             for target in targets:
@@ -644,14 +705,23 @@ def hadolint_binary() -> Path:
 def run_hadolint(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     empty_config = tmp_path / "hadolint.yaml"
     empty_config.write_text("{}\n")  # no user or repository config may switch rules off
-    command = [str(hadolint_binary()), "--config", str(empty_config), "--no-color", "--failure-threshold", "style",
-               "--disable-ignore-pragma", str(path)]
+    command = [
+        str(hadolint_binary()),
+        "--config",
+        str(empty_config),
+        "--no-color",
+        "--failure-threshold",
+        "style",
+        "--disable-ignore-pragma",
+        str(path),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_hadolint_passes(tmp_path: Path) -> None:
     result = run_hadolint(DOCKERFILE, tmp_path)
-    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not result.stdout.strip(), result.stdout
 
 
 def test_hadolint_is_live(tmp_path: Path) -> None:
@@ -660,7 +730,8 @@ def test_hadolint_is_live(tmp_path: Path) -> None:
     bad.write_text("FROM python:latest\nRUN cd /src && pip install aiohttp\n")
     result = run_hadolint(bad, tmp_path)
     assert result.returncode != 0
-    assert "DL3007" in result.stdout and "DL3013" in result.stdout
+    assert "DL3007" in result.stdout
+    assert "DL3013" in result.stdout
 
 
 def test_dockerfile_build_stage() -> None:
@@ -669,7 +740,8 @@ def test_dockerfile_build_stage() -> None:
     build = stages[0]
     assert re.fullmatch(r"python:3\.11-slim AS \w+", build[0].args, re.IGNORECASE)
     runs = " ".join(instructions(build, "RUN"))
-    assert "pip wheel" in runs and "--no-deps" in runs
+    assert "pip wheel" in runs
+    assert "--no-deps" in runs
     assert "plproxy[fast]" in runs, "stage 2 must install the wheel with the fast extra"
     copied = " ".join(instructions(build, "COPY"))
     for source in ("pyproject.toml", "README.md", "proxy", "handler"):
@@ -679,11 +751,15 @@ def test_dockerfile_build_stage() -> None:
 def test_dockerfile_runtime_stage() -> None:
     stage = final_stage()
     assert stage[0].args == "python:3.11-slim"
-    assert dockerfile_env() == {"PLPROXY_HOST": "0.0.0.0", "PLPROXY_DATA_DIR": "/var/lib/plproxy",
-                                "PYTHONUNBUFFERED": "1"}
+    assert dockerfile_env() == {
+        "PLPROXY_HOST": "0.0.0.0",
+        "PLPROXY_DATA_DIR": "/var/lib/plproxy",
+        "PYTHONUNBUFFERED": "1",
+    }
     assert dockerfile_volume() == "/var/lib/plproxy"
     assert instructions(stage, "EXPOSE") == [SETTING_DEFAULTS["PLPROXY_PORT"]]
-    assert dockerfile_uid() == PLPROXY_UID and instructions(stage, "USER") == [f"{PLPROXY_UID}:{PLPROXY_UID}"]
+    assert dockerfile_uid() == PLPROXY_UID
+    assert instructions(stage, "USER") == [f"{PLPROXY_UID}:{PLPROXY_UID}"]
     assert json.loads(instructions(stage, "ENTRYPOINT")[0]) == ["plproxy"]
     assert json.loads(instructions(stage, "CMD")[0]) == ["serve"]
     assert instructions(stage, "STOPSIGNAL") == ["SIGTERM"]
@@ -712,7 +788,8 @@ def healthcheck_command() -> list[str]:
 def test_dockerfile_healthcheck_uses_python_only() -> None:
     command = healthcheck_command()
     assert command[:2] == ["python", "-c"], "exec form, python's stdlib: no curl or wget in slim images"
-    assert "/healthz" in command[2] and "127.0.0.1" in command[2]
+    assert "/healthz" in command[2]
+    assert "127.0.0.1" in command[2]
     compile(command[2], "HEALTHCHECK", "exec")
 
 
@@ -773,26 +850,43 @@ def docker_context_files(root: Path = REPO) -> list[str]:
         rel_dir = Path(directory).relative_to(root).as_posix()
         prefix = "" if rel_dir == "." else rel_dir + "/"
         # Prune directories that are excluded and that no `!` pattern could reach inside.
-        dirs[:] = [d for d in dirs if dockerignore_includes(prefix + d, patterns)
-                   or any(not ex and rx.pattern.startswith(re.escape(prefix + d)) for ex, rx in patterns)]
+        dirs[:] = [
+            d
+            for d in dirs
+            if dockerignore_includes(prefix + d, patterns)
+            or any(not ex and rx.pattern.startswith(re.escape(prefix + d)) for ex, rx in patterns)
+        ]
         kept += [prefix + f for f in files if dockerignore_includes(prefix + f, patterns)]
     return sorted(kept)
 
 
 def test_dockerignore_lets_in_exactly_the_sources() -> None:
     kept = docker_context_files()
-    assert "pyproject.toml" in kept and "README.md" in kept
-    assert "proxy/plproxy/__init__.py" in kept and "handler/plproxy_langchain/__init__.py" in kept
+    assert "pyproject.toml" in kept
+    assert "README.md" in kept
+    assert "proxy/plproxy/__init__.py" in kept
+    assert "handler/plproxy_langchain/__init__.py" in kept
     for path in kept:
         top = path.split("/")[0]
-        assert top in {"pyproject.toml", "README.md", "proxy", "handler"}, f"{path} would enter the image context"
-        assert "__pycache__" not in path and not path.endswith((".pyc", ".pyo")) and ".egg-info" not in path
-    tracked = subprocess.run(["git", "ls-files", "proxy", "handler"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split()
+        assert top in {"pyproject.toml", "README.md", "proxy", "handler"}, (
+            f"{path} would enter the image context"
+        )
+        assert "__pycache__" not in path
+        assert not path.endswith((".pyc", ".pyo"))
+        assert ".egg-info" not in path
+    tracked = subprocess.run(
+        ["git", "ls-files", "proxy", "handler"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert set(tracked) <= set(kept), set(tracked) - set(kept)
     patterns = dockerignore_patterns()
-    for secret_or_noise in (".git/config", ".venv/bin/python", "tests/test_deploy.py", ".env",
-                            "proxy/plproxy/__pycache__/x.cpython-311.pyc", "plproxy.egg-info/PKG-INFO"):
+    for secret_or_noise in (
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_deploy.py",
+        ".env",
+        "proxy/plproxy/__pycache__/x.cpython-311.pyc",
+        "plproxy.egg-info/PKG-INFO",
+    ):
         assert not dockerignore_includes(secret_or_noise, patterns), secret_or_noise
 
 
@@ -831,7 +925,8 @@ def test_compose_structure() -> None:
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         image = service.get("image", "")
-        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag"
+        assert ":" in image, f"{name}: pin the image tag"
+        assert not image.endswith(":latest"), f"{name}: pin the image tag"
         assert service.get("networks"), f"{name} must join the network"
         assert set(service["networks"]) <= networks, name
         depends = service.get("depends_on", [])
@@ -856,7 +951,8 @@ def test_compose_plproxy_service() -> None:
     assert (context / plproxy["build"].get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
     mounts = {m.split(":")[1]: m.split(":")[0] for m in plproxy["volumes"]}
     assert mounts.get(dockerfile_volume()) in compose()["volumes"], "the store on a named volume"
-    assert plproxy.get("read_only") is True and "/tmp" in plproxy.get("tmpfs", [])
+    assert plproxy.get("read_only") is True
+    assert "/tmp" in plproxy.get("tmpfs", [])
     assert plproxy.get("cap_drop") == ["ALL"]
     env = compose_env(plproxy)
     assert env["PROMPTLAYER_API_KEY"].startswith("${"), "the key comes from the caller's environment"
@@ -884,12 +980,18 @@ def test_prometheus_scrapes_plproxy() -> None:
 
 def test_grafana_provisioning() -> None:
     grafana = compose()["services"]["grafana"]
-    mounts = {m.split(":")[1]: (COMPOSE.parent / m.split(":")[0]).resolve() for m in grafana["volumes"]
-              if m.startswith(".")}
+    mounts = {
+        m.split(":")[1]: (COMPOSE.parent / m.split(":")[0]).resolve()
+        for m in grafana["volumes"]
+        if m.startswith(".")
+    }
     provisioning = mounts["/etc/grafana/provisioning"]
     assert provisioning == DEPLOY / "grafana" / "provisioning"
-    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
-    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
     [provider] = yaml.safe_load((provisioning / "dashboards" / "plproxy.yaml").read_text())["providers"]
     dashboard_targets = [target for target, source in mounts.items() if source == DASHBOARD]
     assert len(dashboard_targets) == 1
@@ -973,17 +1075,22 @@ def test_dashboard_queries_only_exposed_metrics_and_labels() -> None:
 def test_dashboard_covers_every_metric() -> None:
     """A metric added to plproxy.metrics without a panel fails here: add it to the dashboard."""
     families = {re.sub(r"_(total|bucket|sum|count|created)$", "", name) for name in exposed_samples()}
-    queried = {re.sub(r"_(total|bucket|sum|count)$", "", name) for expr in all_exprs()
-               for name, _ in SELECTOR.findall(expr)}
+    queried = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for expr in all_exprs()
+        for name, _ in SELECTOR.findall(expr)
+    }
     assert families <= queried, f"metrics without a panel: {sorted(families - queried)}"
 
 
 def test_dashboard_structure() -> None:
     board = dashboard()
-    assert board["uid"] == "plproxy" and board["title"]
+    assert board["uid"] == "plproxy"
+    assert board["title"]
     assert 36 <= board["schemaVersion"] <= 41
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
     ids = [p["id"] for p in all_panels()]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     occupied: set[tuple[int, int]] = set()
@@ -992,9 +1099,12 @@ def test_dashboard_structure() -> None:
         assert name in variables, f"${name} is used but not defined"
     for panel in all_panels():
         grid = panel["gridPos"]
-        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                 for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert 0 <= grid["x"] < grid["x"] + grid["w"] <= 24, panel["title"]
+        cells = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & occupied, f"panel {panel['title']!r} overlaps another"
         occupied |= cells
         if panel["type"] == "row":
@@ -1002,9 +1112,11 @@ def test_dashboard_structure() -> None:
         assert panel["type"] in {"timeseries", "stat", "gauge", "bargauge", "table", "heatmap"}
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         refs = [t["refId"] for t in panel["targets"]]
-        assert refs and len(refs) == len(set(refs))
+        assert refs
+        assert len(refs) == len(set(refs))
         for target in panel["targets"]:
-            assert target["expr"] and target["datasource"] == panel["datasource"]
+            assert target["expr"]
+            assert target["datasource"] == panel["datasource"]
 
 
 def test_dashboard_has_the_promised_panels() -> None:
@@ -1024,8 +1136,10 @@ def test_dashboard_has_the_promised_panels() -> None:
     for fragment, metric in wanted.items():
         assert any(fragment in e and metric in e for e in exprs_by_title.values()), (fragment, metric)
     for quantile in ("0.5", "0.95", "0.99"):
-        assert any(f"histogram_quantile({quantile}, sum by (le) (rate(plproxy_request_duration" in e
-                   for e in exprs_by_title.values()), quantile
+        assert any(
+            f"histogram_quantile({quantile}, sum by (le) (rate(plproxy_request_duration" in e
+            for e in exprs_by_title.values()
+        ), quantile
 
 
 # ---------------------------------------------------------------------------------------------- docs
@@ -1041,4 +1155,5 @@ def test_deploy_doc() -> None:
         assert family in text, f"docs/deploy.md does not list the metric {family}"
     for env_name in dockerfile_env():
         assert env_name in text
-    assert "secretKeyRef" in text and "PROMPTLAYER_API_KEY" in text
+    assert "secretKeyRef" in text
+    assert "PROMPTLAYER_API_KEY" in text

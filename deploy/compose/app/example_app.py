@@ -18,7 +18,8 @@ import urllib.request
 
 def call(base_url: str, api_key: str, model: str) -> tuple[int, str | None]:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hi in three words."}]})
-    request = urllib.request.Request(
+    # OPENAI_BASE_URL is the operator's configuration: an http(s) URL (checked in main).
+    request = urllib.request.Request(  # noqa: S310
         base_url.rstrip("/") + "/chat/completions",
         data=body.encode(),
         method="POST",
@@ -29,7 +30,7 @@ def call(base_url: str, api_key: str, model: str) -> tuple[int, str | None]:
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
             return response.status, response.headers.get("X-PL-Log-Id")
     except urllib.error.HTTPError as error:
         return error.code, error.headers.get("X-PL-Log-Id")
@@ -37,6 +38,9 @@ def call(base_url: str, api_key: str, model: str) -> tuple[int, str | None]:
 
 def main() -> int:
     base_url = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8788/v1")
+    if not base_url.startswith(("http://", "https://")):
+        print(f"OPENAI_BASE_URL must be an http(s) URL, not {base_url!r}", file=sys.stderr)
+        return 2
     api_key = os.environ.get("OPENAI_API_KEY") or "missing-key"
     model = os.environ.get("EXAMPLE_MODEL", "gpt-4o-mini")
     interval = float(os.environ.get("EXAMPLE_INTERVAL", "30"))
