@@ -553,6 +553,28 @@ def test_status_rows_of_finished_records_go_last(tmp_path: Path) -> None:
 # ---- opening, readiness, closing ------------------------------------------------------------------------
 
 
+def test_several_processes_can_open_a_new_store_at_once(tmp_path: Path) -> None:
+    opened: list[Store] = []
+    errors: list[BaseException] = []
+
+    def open_one(d: Path) -> None:
+        try:
+            opened.append(Store(d, has_default_key=True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    for trial in range(5):
+        threads = [threading.Thread(target=open_one, args=(tmp_path / str(trial),)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for s in opened:
+        s.close()
+    assert errors == []
+    assert len(opened) == 30
+
+
 def test_corrupt_file_gives_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 500)
     with pytest.raises(StoreError, match=r"plproxy\.db.*(corrupt|not a usable).*move it aside"):

@@ -326,12 +326,15 @@ class Store:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            mode = _enable_wal(conn)
+            if mode != "wal":
                 raise StoreError(f"the store {self.path} cannot use WAL mode (journal_mode is {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             conn.execute("PRAGMA foreign_keys = OFF")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(
@@ -366,6 +369,8 @@ class Store:
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 # later versions: `if version < 2: ...` here, each step in this transaction
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"the store {self.path} is corrupt or not a plproxy database ({exc}); "
@@ -1009,6 +1014,22 @@ class Store:
                 "SELECT kind, state, error FROM followups WHERE log_id = ? ORDER BY id", (log_id,)
             ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _enable_wal(conn: sqlite3.Connection) -> str:
+    # Switching to WAL takes an exclusive lock and SQLite does not run the busy handler for it: several
+    # processes opening a new store at once must retry. Once set, WAL is a property of the file.
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        if mode == "wal":
+            return mode
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextlib.contextmanager
