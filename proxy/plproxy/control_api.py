@@ -121,7 +121,7 @@ async def _find(request: web.Request, log_id: str) -> Any:
     store = request.app[STORE]
     status = await asyncio.to_thread(store.get, log_id)
     if status is None:
-        await asyncio.to_thread(store.flush_writes)
+        await asyncio.to_thread(store.sync, 1.0)
         status = await asyncio.to_thread(store.get, log_id)
     if status is None:
         raise NotFound(f"No record with log id {log_id}.")

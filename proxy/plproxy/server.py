@@ -7,6 +7,7 @@ task; they open in that order and close in reverse. Shared state lives under typ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -124,7 +125,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
     store = Store(
-        settings.store_path,
+        settings.data_dir,
         has_default_key=settings.promptlayer_api_key is not None,
         max_bytes=settings.store_max_mb * 1024 * 1024,
         metrics=metrics,
@@ -140,19 +141,17 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
     )
     app[EXPORTER] = exporter
-    store.on_commit = exporter.wake_threadsafe
 
     def submit(capture: Capture, api_key: str | None, pl: PLHeaders) -> None:
         store.submit(capture.log_id, capture.build_payload, api_key=api_key, followups=control_api.header_followups(pl))
 
     app[FORWARDER] = Forwarder(settings, app[SESSION], submit, metrics)
-    task = asyncio.create_task(exporter.run(), name="plproxy-exporter")
+    exporter.start()
     yield
-    await asyncio.to_thread(store.flush_writes)
-    report = await exporter.flush(settings.flush_timeout)
-    log.info("flushed", extra={"fields": report.as_dict()})
+    await asyncio.to_thread(store.sync)
     await exporter.stop()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    if settings.promptlayer_api_key or await asyncio.to_thread(store.backlog):
+        report = await exporter.flush(settings.flush_timeout)
+        log.info("flushed", extra={"fields": dataclasses.asdict(report)})
     await pl_session.close()
     await asyncio.to_thread(store.close)
