@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import time
 import uuid
 from typing import Any
@@ -226,7 +227,7 @@ async def test_upstream_silent_before_headers_is_504(start_proxy: StartProxy, ht
 async def test_body_over_the_limit_is_413(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
     proxy = await start_proxy(PLPROXY_MAX_BODY_MB="1")
     big = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]})
-    async with http.post(f"{proxy.base_url}/chat/completions", data=big) as response:
+    async with http.post(f"{proxy.base_url}/chat/completions", data=io.BytesIO(big)) as response:
         assert response.status == 413
         assert_openai_error(await response.read(), "request_too_large")
     near = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * (900 * 1024)}]})

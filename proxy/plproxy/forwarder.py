@@ -8,6 +8,7 @@ and written by the store's writer thread after the response is complete.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -85,6 +86,14 @@ def client_response_headers(headers: CIMultiDictProxy[str], *, rewritten: bool) 
             continue
         out.add(name, value)
     return out
+
+
+def _request_payload(body: bytes) -> bytes | io.BytesIO | None:
+    """The body for aiohttp's client. Above 1 MiB a file-like object is streamed in chunks instead of
+    written in one call (aiohttp warns that one large write can hold the event loop)."""
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > 1024 * 1024 else body
 
 
 class Forwarder:
@@ -206,7 +215,7 @@ class _Call:
                 self.request.method,
                 self.target.url,
                 headers=headers,
-                data=self.body if self.body else None,
+                data=_request_payload(self.body),
                 allow_redirects=False,
             )
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
