@@ -224,9 +224,10 @@ class Exporter:
         self._stopping = True
         task = self._run_task
         if task is not None and task is not asyncio.current_task():
-            while not task.done():
-                task.cancel()
-                await asyncio.wait([task], timeout=0.5)
+            # one cancel: cancelling again would interrupt the loop's own clean-up (releasing leases);
+            # `_stopping` ends the loop anyway should the cancel be lost
+            task.cancel()
+            await asyncio.wait([task])
         await self._abandon_inflight()
 
     # ---- claiming --------------------------------------------------------------------------------
