@@ -295,7 +295,9 @@ class Exporter:
             future.add_done_callback(self._release_orphans)
             raise
         except Exception as exc:
-            log.error("exporter_claim_failed error=%s", redact(str(exc), self._default_key))
+            log.error(
+                "exporter_claim_failed", extra={"fields": {"error": redact(str(exc), self._default_key)}}
+            )
             return []
 
     def _release_orphans(self, future: asyncio.Future[Any]) -> None:
@@ -311,7 +313,7 @@ class Exporter:
         try:
             self.store.release(records, followups)
         except Exception as exc:
-            log.warning("exporter_release_failed error=%s", exc)
+            log.warning("exporter_release_failed", extra={"fields": {"error": exc}})
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -322,7 +324,7 @@ class Exporter:
         self._inflight.discard(task)
         self._event.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("exporter_send_crashed error_type=%s", type(exc).__name__)
+            log.error("exporter_send_crashed", extra={"fields": {"error_type": type(exc).__name__}})
 
     async def _abandon_inflight(self) -> None:
         tasks = list(self._inflight)
@@ -364,7 +366,9 @@ class Exporter:
                 await asyncio.to_thread(self.store.retry_later, claim.log_id, at, answer.error)
                 self._retrying(claim.log_id, "log-request", answer.error, at)
         except Exception as exc:  # the store is closed or broken: the lease expires, it is sent again
-            log.error("exporter_store_update_failed log_id=%s error=%s", claim.log_id, exc)
+            log.error(
+                "exporter_store_update_failed", extra={"fields": {"log_id": claim.log_id, "error": exc}}
+            )
         self._held_records.discard(claim.log_id)
 
     async def _send_followup(self, claim: FollowupClaim) -> None:
@@ -381,14 +385,17 @@ class Exporter:
             elif answer.kind == "fail":
                 await asyncio.to_thread(self.store.mark_followup_failed, claim.id, answer.error)
                 log.warning(
-                    "followup_failed log_id=%s kind=%s error=%s", claim.log_id, claim.kind, answer.error
+                    "followup_failed",
+                    extra={"fields": {"log_id": claim.log_id, "kind": claim.kind, "error": answer.error}},
                 )
             else:
                 at = self._retry_at(answer, claim.attempts)
                 await asyncio.to_thread(self.store.retry_followup_later, claim.id, at, answer.error)
                 self._retrying(claim.log_id, endpoint, answer.error, at)
         except Exception as exc:
-            log.error("exporter_store_update_failed log_id=%s error=%s", claim.log_id, exc)
+            log.error(
+                "exporter_store_update_failed", extra={"fields": {"log_id": claim.log_id, "error": exc}}
+            )
         self._held_followups.discard(claim.id)
 
     async def _post(
@@ -464,22 +471,37 @@ class Exporter:
             try:
                 self._on_exported(log_id, pl_id)
             except Exception as exc:
-                log.warning("on_exported_failed log_id=%s error_type=%s", log_id, type(exc).__name__)
+                log.warning(
+                    "on_exported_failed",
+                    extra={"fields": {"log_id": log_id, "error_type": type(exc).__name__}},
+                )
 
     def _failed(self, log_id: str, endpoint: str, error: str) -> None:
         self.failed_count += 1
         if self._metrics is not None:
             self._metrics.records.labels(outcome="failed").inc()
-        log.warning("export_failed log_id=%s endpoint=%s error=%s", log_id, endpoint, error[:300])
+        log.warning(
+            "export_failed", extra={"fields": {"log_id": log_id, "endpoint": endpoint, "error": error[:300]}}
+        )
 
     def _retrying(self, log_id: str, endpoint: str, error: str, at: float) -> None:
         if self._metrics is not None:
             self._metrics.export_retries.inc()
         if self._healthy:
             self._healthy = False  # one warning per outage; each retry is a debug line
-            log.warning("promptlayer_unavailable endpoint=%s error=%s", endpoint, error[:300])
+            log.warning(
+                "promptlayer_unavailable", extra={"fields": {"endpoint": endpoint, "error": error[:300]}}
+            )
         log.debug(
-            "export_retry log_id=%s endpoint=%s in=%.2fs error=%s", log_id, endpoint, at - time.time(), error
+            "export_retry",
+            extra={
+                "fields": {
+                    "log_id": log_id,
+                    "endpoint": endpoint,
+                    "in": round(at - time.time(), 2),
+                    "error": error,
+                }
+            },
         )
 
 

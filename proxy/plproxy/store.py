@@ -402,13 +402,16 @@ class Store:
     def _enqueue(self, item: object, log_id: str) -> None:
         if self._closed:
             self._count("dropped")
-            log.warning("store_closed_dropped log_id=%s", log_id)
+            log.warning("store_closed_dropped", extra={"fields": {"log_id": log_id}})
             return
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             self._count("dropped")
-            log.warning("store_queue_full_dropped log_id=%s queued=%d", log_id, self._queue.qsize())
+            log.warning(
+                "store_queue_full_dropped",
+                extra={"fields": {"log_id": log_id, "queued": self._queue.qsize()}},
+            )
 
     def sync(self, timeout: float = 5.0) -> bool:
         """Block until everything submitted before this call is committed (or `timeout`). For tests/CLI."""
@@ -448,7 +451,7 @@ class Store:
             self._queue.put(_STOP, timeout=timeout)
         self._writer.join(max(0.0, self._give_up_at - time.monotonic()))
         if self._writer.is_alive():
-            log.error("store_close_timeout queued=%d", self._queue.qsize())
+            log.error("store_close_timeout", extra={"fields": {"queued": self._queue.qsize()}})
         else:
             self._wconn.close()
         self._set_writable(False)
@@ -480,7 +483,7 @@ class Store:
             try:
                 self._process(batch)
             except Exception:  # a bug must not stop the writer: what is queued behind would be lost
-                log.exception("store_writer_batch_failed items=%d", len(batch))
+                log.exception("store_writer_batch_failed", extra={"fields": {"items": len(batch)}})
                 self._count("dropped", sum(1 for i in batch if isinstance(i, _NewRecord)))
                 for item in batch:
                     if isinstance(item, _Barrier):
@@ -515,7 +518,10 @@ class Store:
                 raise TypeError(f"build_payload returned {type(payload).__name__}, not dict")
             data = orjson.dumps(payload)
         except Exception as exc:
-            log.warning("store_build_payload_failed log_id=%s error_type=%s", item.log_id, type(exc).__name__)
+            log.warning(
+                "store_build_payload_failed",
+                extra={"fields": {"log_id": item.log_id, "error_type": type(exc).__name__}},
+            )
             message = redact(f"{type(exc).__name__}: {exc}", item.api_key)[:_ERROR_MAX_CHARS]
             return _Row(
                 item.log_id,
@@ -529,7 +535,7 @@ class Store:
         if item.api_key and item.api_key.encode() in data:
             # A key must never be sent in a body. Scrub it; the JSON stays valid as long as the key
             # needs no escaping, which is checked by parsing it again.
-            log.warning("store_payload_contained_key log_id=%s", item.log_id)
+            log.warning("store_payload_contained_key", extra={"fields": {"log_id": item.log_id}})
             data = data.replace(item.api_key.encode(), REDACTED.encode())
             payload = orjson.loads(data)
         model = payload.get("model")
@@ -555,7 +561,8 @@ class Store:
             return _FollowupRow(log_id, kind, orjson.dumps(clean), None, created)
         except Exception as exc:
             log.warning(
-                "store_followup_invalid log_id=%s kind=%s error_type=%s", log_id, kind, type(exc).__name__
+                "store_followup_invalid",
+                extra={"fields": {"log_id": log_id, "kind": kind, "error_type": type(exc).__name__}},
             )
             return _FollowupRow(log_id, kind, None, f"the follow-up body is not JSON: {exc}", created)
 
@@ -569,14 +576,15 @@ class Store:
                 give_up = self._give_up_at
                 if give_up is not None and time.monotonic() >= give_up:
                     log.error(
-                        "store_write_abandoned records=%d followups=%d error=%s",
-                        len(rows),
-                        len(followups),
-                        exc,
+                        "store_write_abandoned",
+                        extra={"fields": {"records": len(rows), "followups": len(followups), "error": exc}},
                     )
                     self._count("dropped", len(rows))
                     return
-                log.error("store_write_failed records=%d error=%s retry_in=%.2f", len(rows), exc, delay)
+                log.error(
+                    "store_write_failed",
+                    extra={"fields": {"records": len(rows), "error": exc, "retry_in": round(delay, 2)}},
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -587,7 +595,7 @@ class Store:
             self._count("dropped", dropped)
             self._count("failed", sum(1 for r in rows if r.build_failed))
             for log_id in duplicates:
-                log.warning("store_duplicate_log_id log_id=%s", log_id)
+                log.warning("store_duplicate_log_id", extra={"fields": {"log_id": log_id}})
             if any(r.state == "pending" for r in rows) or followups:
                 self._notify()
             return
@@ -713,11 +721,15 @@ class Store:
                 if time.monotonic() >= self._next_refusal_warning:  # one line a minute, not one a record
                     self._next_refusal_warning = time.monotonic() + 60
                     log.warning(
-                        "store_over_cap_refused log_id=%s refused=%d used_bytes=%d max_bytes=%d",
-                        r.log_id,
-                        self._refused_since_warning,
-                        used,
-                        self._max_bytes,
+                        "store_over_cap_refused",
+                        extra={
+                            "fields": {
+                                "log_id": r.log_id,
+                                "refused": self._refused_since_warning,
+                                "used_bytes": used,
+                                "max_bytes": self._max_bytes,
+                            }
+                        },
                     )
                     self._refused_since_warning = 0
                 r = _Row(
@@ -752,7 +764,7 @@ class Store:
                 )
         except sqlite3.Error as exc:
             if self._writable:
-                log.error("store_not_writable error=%s", exc)
+                log.error("store_not_writable", extra={"fields": {"error": exc}})
             self._set_writable(False)
         else:
             self._set_writable(True)
