@@ -47,8 +47,8 @@ Size cap (`max_bytes`, 1024 MiB by default), measured as the pages in use (free 
 Pruned payloads count as `plproxy_records{outcome="pruned"}`. A record whose `build_payload` raised is
 stored as `failed` with the error (never silently lost) and counted as `outcome="failed"`.
 
-The methods other than `submit`, `add_followup`, `wake`-style callbacks and `writable` run SQL and may
-wait for the database lock: call them through `asyncio.to_thread` (or an executor), never on the loop.
+Except `submit`, `add_followup`, `writable` and `queued`, which never wait, every method runs SQL and
+may wait for the database lock: call it through `asyncio.to_thread` (or an executor), never on the loop.
 """
 
 from __future__ import annotations
