@@ -52,12 +52,15 @@ def test_metadata_values_become_strings() -> None:
 def test_metadata_not_an_object(value: str) -> None:
     parsed = parse(X_PL_Metadata=value)
     assert parsed.annotations.metadata == {}
-    assert parsed.warnings and parsed.warnings[0].startswith("X-PL-Metadata:")
+    assert parsed.warnings
+    assert parsed.warnings[0].startswith("X-PL-Metadata:")
 
 
 def test_prompt_link() -> None:
     parsed = parse(
-        X_PL_Prompt_Name="example", X_PL_Prompt_Version="3", X_PL_Prompt_Input_Variables='{"product": "toasters"}'
+        X_PL_Prompt_Name="example",
+        X_PL_Prompt_Version="3",
+        X_PL_Prompt_Input_Variables='{"product": "toasters"}',
     )
     notes = parsed.annotations
     assert (notes.prompt_name, notes.prompt_version_number, notes.prompt_label) == ("example", 3, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import itertools
 import time
 import uuid
 from typing import Any
@@ -21,7 +22,11 @@ import pytest
 from tests.fakes.openai_upstream import GZIP_BODY
 from tests.proxy_fixtures import RunningProxy, StartProxy
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi to Ada"}], "temperature": 0.2}
+CHAT = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Say hi to Ada"}],
+    "temperature": 0.2,
+}
 
 
 def sync_client(base_url: str) -> openai.OpenAI:
@@ -54,7 +59,9 @@ async def raw_bodies(base_url: str, call: str, **kwargs: Any) -> bytes:
         ("models", {}),
     ],
 )
-async def test_bodies_equal_direct_calls(proxy: RunningProxy, fake_openai: Any, call: str, kwargs: Any) -> None:
+async def test_bodies_equal_direct_calls(
+    proxy: RunningProxy, fake_openai: Any, call: str, kwargs: Any
+) -> None:
     kwargs = {key: value for key, value in kwargs.items() if value != []}
     direct = await raw_bodies(fake_openai.base_url, call, **kwargs)
     proxied = await raw_bodies(proxy.base_url, call, **kwargs)
@@ -73,9 +80,7 @@ async def test_sync_client_through_proxy(proxy: RunningProxy, fake_openai: Any) 
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
-async def test_stream_chunks_equal_direct(
-    proxy: RunningProxy, fake_openai: Any, include_usage: bool
-) -> None:
+async def test_stream_chunks_equal_direct(proxy: RunningProxy, fake_openai: Any, include_usage: bool) -> None:
     async def run(base_url: str) -> list[dict[str, Any]]:
         client = async_client(base_url)
         extra = {"stream_options": {"include_usage": True}} if include_usage else {}
@@ -110,7 +115,7 @@ async def test_events_reach_the_client_as_they_arrive(proxy: RunningProxy, fake_
             assert fake_openai.streams[-1].events_sent <= 2
     await client.close()
     assert len(arrivals) >= 6
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert sum(gap > 0.1 for gap in gaps) >= 4  # no coalescing: events keep their spacing
 
 
@@ -151,7 +156,9 @@ async def test_no_pl_header_reaches_upstream_and_authorization_does(
         "X-Pl-Metadata": "{}",
         "X-Custom": "kept",
     }
-    async with http.post(f"{proxy.base_url}/anything/here?q=1", data=b'{"x": 1}', headers=headers) as response:
+    async with http.post(
+        f"{proxy.base_url}/anything/here?q=1", data=b'{"x": 1}', headers=headers
+    ) as response:
         assert response.status == 200
     received = fake_openai.received[-1]
     assert received.path_qs == "/v1/anything/here?q=1"
@@ -194,8 +201,12 @@ async def test_log_id_and_warnings(proxy: RunningProxy, http: aiohttp.ClientSess
         assert "X-PL-Warning" not in response.headers
 
 
-async def test_unrecorded_calls_are_relayed_without_log_id(proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
-    async with http.post(f"{proxy.base_url}/chat/completions", json=CHAT, headers={"X-PL-Log": "off"}) as response:
+async def test_unrecorded_calls_are_relayed_without_log_id(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        f"{proxy.base_url}/chat/completions", json=CHAT, headers={"X-PL-Log": "off"}
+    ) as response:
         assert response.status == 200
         assert "X-PL-Log-Id" not in response.headers
 
@@ -217,9 +228,13 @@ async def test_upstream_unreachable_is_502(start_proxy: StartProxy, http: aiohtt
         uuid.UUID(response.headers["X-PL-Log-Id"])
 
 
-async def test_upstream_silent_before_headers_is_504(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+async def test_upstream_silent_before_headers_is_504(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
     proxy = await start_proxy(PLPROXY_READ_TIMEOUT="0.5")
-    async with http.post(f"{proxy.base_url}/chat/completions", json={**CHAT, "model": "fake-hang"}) as response:
+    async with http.post(
+        f"{proxy.base_url}/chat/completions", json={**CHAT, "model": "fake-hang"}
+    ) as response:
         assert response.status == 504
         assert_openai_error(await response.read(), "upstream_timeout")
 
@@ -285,7 +300,9 @@ async def test_path_tricks_reach_only_the_configured_upstream(
     port = int(proxy.url.rsplit(":", 1)[1])
     before = len(fake_openai.received)
     target = target.format(port=port)
-    answer = await raw_request(port, f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    answer = await raw_request(
+        port, f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    )
     status = int(answer.split(b" ", 2)[1])
     assert status == expected_status
     arrived = fake_openai.received[before:]
@@ -300,7 +317,8 @@ async def test_client_leaving_cancels_the_upstream_stream(proxy: RunningProxy, f
     fake_openai.chunk_delay = 0.05
     async with aiohttp.ClientSession() as session:
         response = await session.post(
-            f"{proxy.base_url}/chat/completions", json={**CHAT, "model": "fake-many-chunks-200", "stream": True}
+            f"{proxy.base_url}/chat/completions",
+            json={**CHAT, "model": "fake-many-chunks-200", "stream": True},
         )
         await response.content.readline()
         response.close()  # the client goes away mid-stream

@@ -40,7 +40,9 @@ def test_flags_override_environment(tmp_path: Path) -> None:
 
 def test_trailing_slashes_are_stripped(tmp_path: Path) -> None:
     settings = Settings.from_sources(
-        env_for(tmp_path, PLPROXY_UPSTREAM="http://127.0.0.1:1/v1/", PROMPTLAYER_BASE_URL="http://127.0.0.1:2/")
+        env_for(
+            tmp_path, PLPROXY_UPSTREAM="http://127.0.0.1:1/v1/", PROMPTLAYER_BASE_URL="http://127.0.0.1:2/"
+        )
     )
     assert str(settings.upstream) == "http://127.0.0.1:1/v1"
     assert str(settings.promptlayer_base_url) == "http://127.0.0.1:2"
@@ -48,7 +50,9 @@ def test_trailing_slashes_are_stripped(tmp_path: Path) -> None:
 
 def test_routes_parse(tmp_path: Path) -> None:
     settings = Settings.from_sources(
-        env_for(tmp_path, PLPROXY_ROUTES="anthropic=https://api.anthropic.com, local=http://127.0.0.1:8080/v1")
+        env_for(
+            tmp_path, PLPROXY_ROUTES="anthropic=https://api.anthropic.com, local=http://127.0.0.1:8080/v1"
+        )
     )
     assert settings.routes == (
         Route("anthropic", URL("https://api.anthropic.com")),
@@ -84,7 +88,9 @@ def test_bad_values_name_the_setting(tmp_path: Path, variable: str, value: str, 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as caught:
-        Settings.from_sources(env_for(tmp_path, PLPROXY_PORT="x", PLPROXY_UPSTREAM="y", PLPROXY_STREAM_USAGE="z"))
+        Settings.from_sources(
+            env_for(tmp_path, PLPROXY_PORT="x", PLPROXY_UPSTREAM="y", PLPROXY_STREAM_USAGE="z")
+        )
     assert [problem.split("=")[0] for problem in caught.value.problems] == [
         "PLPROXY_PORT",
         "PLPROXY_UPSTREAM",

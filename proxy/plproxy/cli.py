@@ -52,13 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
                 help=_settings_help(option.env, option.default, option.help),
             )
 
+    # internal: set by `--workers N` on the processes it starts
+    serve.add_argument("--worker-of", dest="worker_of", type=int, help=argparse.SUPPRESS)
+
     logs = commands.add_parser(
-        "logs", help="list recent records from the local store", description="List recent records, newest first."
+        "logs",
+        help="list recent records from the local store",
+        description="List recent records, newest first.",
     )
     _data_dir_flag(logs)
-    logs.add_argument("--json", action="store_true", help="one JSON object per line, with the full log id and payload")
-    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new records as they are stored")
-    logs.add_argument("--limit", "-n", type=_positive_int, default=20, metavar="N", help="the newest N (default 20)")
+    logs.add_argument(
+        "--json", action="store_true", help="one JSON object per line, with the full log id and payload"
+    )
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new records as they are stored"
+    )
+    logs.add_argument(
+        "--limit", "-n", type=_positive_int, default=20, metavar="N", help="the newest N (default 20)"
+    )
 
     flush = commands.add_parser(
         "flush",
@@ -78,7 +89,8 @@ def _data_dir_flag(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         dest="data_dir",
         metavar="DIR",
-        help="the store's directory [env PLPROXY_DATA_DIR; default: $XDG_STATE_HOME/plproxy or ~/.local/state/plproxy]",
+        help="the store's directory [env PLPROXY_DATA_DIR; default: $XDG_STATE_HOME/plproxy "
+        "or ~/.local/state/plproxy]",
     )
 
 
@@ -113,7 +125,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if args.command == "serve":
         from plproxy.serve import serve
 
-        return serve(settings)
+        serve_args = [arg for arg in (argv if argv is not None else sys.argv[1:])][1:]
+        return serve(
+            settings,
+            serve_args=serve_args,
+            worker_of=args.worker_of,
+            multiprocess_dir=env.get("PROMETHEUS_MULTIPROC_DIR") if args.worker_of else None,
+        )
     if args.command == "logs":
         from plproxy.logs_command import run_logs
 

@@ -1,4 +1,4 @@
-"""`plproxy logs` and `plproxy flush`: the store seen from the command line, beside a running or crashed serve.
+"""`plproxy logs` and `plproxy flush`: the store from the command line, beside a running or crashed serve.
 
 Both open the same SQLite file as `serve` (WAL and leases make that safe), so they need no server.
 """
@@ -59,7 +59,9 @@ def _print_table(rows: list[tuple[str, ...]], out: TextIO, *, header: bool) -> N
     table = [COLUMNS, *rows] if header else rows
     widths = [max(len(COLUMNS[i]), *(len(row[i]) for row in table)) for i in range(len(COLUMNS))]
     for row in table:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
     out.flush()
 
 
@@ -108,7 +110,7 @@ def run_flush(settings: Settings, *, timeout: float, out: TextIO = sys.stdout) -
         store.close()
 
 
-async def _flush(settings: Settings, store: Store, timeout: float, out: TextIO) -> int:
+async def _flush(settings: Settings, store: Store, deadline: float, out: TextIO) -> int:
     released = 0
     if settings.promptlayer_api_key:
         released = await asyncio.to_thread(store.release_kept)
@@ -126,7 +128,7 @@ async def _flush(settings: Settings, store: Store, timeout: float, out: TextIO) 
             default_api_key=settings.promptlayer_api_key,
             concurrency=settings.export_concurrency,
         )
-        report = await exporter.flush(timeout)
+        report = await exporter.flush(deadline)
         await exporter.stop()
     left = report.still_pending if report.still_pending is not None else "unknown"
     out.write(

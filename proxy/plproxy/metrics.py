@@ -8,7 +8,25 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Models are client-chosen strings: past this many distinct values they are counted as "other".
 MAX_MODEL_LABELS = 50
@@ -42,15 +60,23 @@ class Metrics:
             buckets=_OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter("plproxy_tokens", "Tokens reported by upstreams", ["direction", "model"], registry=r)
+        self.tokens = Counter(
+            "plproxy_tokens", "Tokens reported by upstreams", ["direction", "model"], registry=r
+        )
         self.streams_in_flight = Gauge(
             "plproxy_streams_in_flight", "Streams being relayed now", registry=r, multiprocess_mode="livesum"
         )
         self.records = Counter(
-            "plproxy_records", "Records by outcome: stored, exported, failed, pruned, dropped", ["outcome"], registry=r
+            "plproxy_records",
+            "Records by outcome: stored, exported, failed, pruned, dropped",
+            ["outcome"],
+            registry=r,
         )
         self.store_backlog = Gauge(
-            "plproxy_store_backlog", "Records waiting for export (pending)", registry=r, multiprocess_mode="max"
+            "plproxy_store_backlog",
+            "Records waiting for export (pending)",
+            registry=r,
+            multiprocess_mode="max",
         )
         self.store_writable = Gauge(
             "plproxy_store_writable", "1 when the store accepts writes", registry=r, multiprocess_mode="min"
@@ -62,9 +88,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.export_retries = Counter("plproxy_export_retries", "PromptLayer calls that will be retried", registry=r)
+        self.export_retries = Counter(
+            "plproxy_export_retries", "PromptLayer calls that will be retried", registry=r
+        )
         self.promptlayer_responses = Counter(
-            "plproxy_promptlayer_responses", "PromptLayer answers by status", ["endpoint", "status"], registry=r
+            "plproxy_promptlayer_responses",
+            "PromptLayer answers by status",
+            ["endpoint", "status"],
+            registry=r,
         )
         self._models: set[str] = set()
 

@@ -81,9 +81,7 @@ class _Parser:
         for header in sorted(self.values):
             if header not in _PLPROXY_CONTROL:
                 self.warn(header, "unknown X-PL- header; it was removed and ignored")
-        annotations = Annotations(
-            tags=tags, metadata=metadata, score=score, group_id=group_id, **prompt
-        )
+        annotations = Annotations(tags=tags, metadata=metadata, score=score, group_id=group_id, **prompt)
         return PLHeaders(annotations, log_enabled, api_key, tuple(self.warnings))
 
     def tags(self) -> tuple[str, ...]:

@@ -90,7 +90,9 @@ def resolve(raw_target: str, routes: tuple[Route, ...]) -> Target:
             try:
                 segments = resolve_dot_segments("/" + rest)
             except BadRequest:
-                raise BadRequest(f"The path leaves /{mount}/ after resolving '..'; it was not forwarded.") from None
+                raise BadRequest(
+                    f"The path leaves /{mount}/ after resolving '..'; it was not forwarded."
+                ) from None
             return Target(route, "/" + "/".join(segments) if slash else "", query)
     raise NotFound(_not_found_message(routes))
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -24,25 +25,29 @@ from plproxy.settings import Settings
 log = logging.getLogger("plproxy.serve")
 
 
-def serve(settings: Settings) -> int:
+def serve(
+    settings: Settings,
+    *,
+    serve_args: Sequence[str] = (),
+    worker_of: int | None = None,
+    multiprocess_dir: str | None = None,
+) -> int:
+    """Run the server. `serve_args` are the command line's own, for `--workers N` to pass on."""
     oplog.configure(settings.log_level, settings.log_format)
-    if settings.workers > 1:
+    if settings.workers > 1 and worker_of is None:
         from plproxy.workers import run_workers
 
-        return run_workers(settings)
-    return run_one(settings)
-
-
-def run_one(settings: Settings, *, reuse_port: bool = False) -> int:
+        return run_workers(settings, serve_args)
+    main = _serve(settings, reuse_port=worker_of is not None, multiprocess_dir=multiprocess_dir)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_serve(settings, reuse_port=reuse_port))
-    return uvloop.run(_serve(settings, reuse_port=reuse_port))
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
-async def _serve(settings: Settings, *, reuse_port: bool) -> int:
-    app = create_app(settings)
+async def _serve(settings: Settings, *, reuse_port: bool, multiprocess_dir: str | None) -> int:
+    app = create_app(settings, multiprocess_dir=multiprocess_dir)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that leaves cancels its call, and so the upstream request
@@ -86,7 +91,9 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> int:
 
     state = app[STATE]
     state.draining = True
-    log.info("draining", extra={"fields": {"in_flight": state.in_flight, "deadline_s": settings.drain_timeout}})
+    log.info(
+        "draining", extra={"fields": {"in_flight": state.in_flight, "deadline_s": settings.drain_timeout}}
+    )
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(state.idle.wait(), settings.drain_timeout)
     if state.in_flight:

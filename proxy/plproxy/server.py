@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from plproxy import control_api
 from plproxy.app_keys import EXPORTER, FORWARDER, METRICS, SESSION, SETTINGS, STATE, STORE, ServerState
@@ -29,6 +31,8 @@ from plproxy.store import Store
 log = logging.getLogger("plproxy.server")
 
 
+MULTIPROCESS_DIR = web.AppKey("multiprocess_dir", str | None)  # type: ignore[arg-type]
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -40,7 +44,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(error)
     except web.HTTPRequestEntityTooLarge:
         max_mb = request.app[SETTINGS].max_body_mb
-        return error_response(PayloadTooLarge(f"The request body is larger than {max_mb} MiB (PLPROXY_MAX_BODY_MB)."))
+        return error_response(
+            PayloadTooLarge(f"The request body is larger than {max_mb} MiB (PLPROXY_MAX_BODY_MB).")
+        )
     except web.HTTPNotFound:
         return error_response(NotFound("No such endpoint."))
     except web.HTTPMethodNotAllowed as exc:
@@ -50,7 +56,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    # the pid tells workers apart, for operators and tests
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -67,13 +74,18 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
     metrics = request.app[METRICS]
     store = request.app.get(STORE)
     if store is not None:
         metrics.store_writable.set(1 if store.writable() else 0)
-    response = web.Response(body=generate_latest(metrics.registry))
+    multiprocess_dir = request.app[MULTIPROCESS_DIR]
+    if multiprocess_dir:
+        # every worker's files, added up: any worker answers for the whole server
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=multiprocess_dir)
+    else:
+        registry = metrics.registry
+    response = web.Response(body=generate_latest(registry))
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
 
@@ -87,9 +99,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         state.call_ended()
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
+) -> web.Application:
+    """The proxy app; `multiprocess_dir` is prometheus_client's directory when run by `--workers`."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
+    app[MULTIPROCESS_DIR] = multiprocess_dir
     app[METRICS] = Metrics(registry)
     app[STATE] = ServerState()
     app.cleanup_ctx.append(_upstream_session)
@@ -143,7 +159,9 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     app[EXPORTER] = exporter
 
     def submit(capture: Capture, api_key: str | None, pl: PLHeaders) -> None:
-        store.submit(capture.log_id, capture.build_payload, api_key=api_key, followups=control_api.header_followups(pl))
+        store.submit(
+            capture.log_id, capture.build_payload, api_key=api_key, followups=control_api.header_followups(pl)
+        )
 
     app[FORWARDER] = Forwarder(settings, app[SESSION], submit, metrics)
     exporter.start()

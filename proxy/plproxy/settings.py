@@ -163,7 +163,8 @@ OPTIONS: tuple[Option, ...] = (
         "upstream",
         "PLPROXY_UPSTREAM",
         "https://api.openai.com/v1",
-        "the provider's base URL (what OPENAI_BASE_URL held before plproxy); /v1/<rest> goes to <upstream>/<rest>",
+        "the provider's base URL (what OPENAI_BASE_URL held before plproxy); "
+        "/v1/<rest> goes to <upstream>/<rest>",
         _http_url,
         "--upstream",
         "URL",
@@ -272,7 +273,15 @@ OPTIONS: tuple[Option, ...] = (
         "PromptLayer calls in flight at once",
         _int_between(1, 256),
     ),
-    Option("workers", "PLPROXY_WORKERS", "1", "processes serving the same port", _int_between(1, 64), "--workers", "N"),
+    Option(
+        "workers",
+        "PLPROXY_WORKERS",
+        "1",
+        "processes serving the same port",
+        _int_between(1, 64),
+        "--workers",
+        "N",
+    ),
     Option(
         "log_level",
         "PLPROXY_LOG_LEVEL",
@@ -283,7 +292,13 @@ OPTIONS: tuple[Option, ...] = (
         "LEVEL",
     ),
     Option(
-        "log_format", "PLPROXY_LOG_FORMAT", "json", "operational log format", _choice("json", "text"), "--log-format", "FMT"
+        "log_format",
+        "PLPROXY_LOG_FORMAT",
+        "json",
+        "operational log format",
+        _choice("json", "text"),
+        "--log-format",
+        "FMT",
     ),
 )
 
@@ -292,10 +307,10 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8788
-    upstream: URL = URL("https://api.openai.com/v1")
+    upstream: URL = URL("https://api.openai.com/v1")  # noqa: RUF009 - yarl URLs are immutable
     data_dir: Path
     promptlayer_api_key: str | None = field(default=None, repr=False)
-    promptlayer_base_url: URL = URL("https://api.promptlayer.com")
+    promptlayer_base_url: URL = URL("https://api.promptlayer.com")  # noqa: RUF009
     routes: tuple[Route, ...] = ()
     stream_usage: str = "inject"
     max_body_mb: int = 32

@@ -1,0 +1,91 @@
+"""`plproxy serve` as a real process: graceful shutdown during a stream, and several workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from typing import Any
+
+import aiohttp
+
+from tests.proxy_fixtures import plproxy_command
+
+CHAT = {"model": "fake-many-chunks-20", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def base_env(fake_openai: Any, tmp_path: Any) -> dict[str, str]:
+    return {"PLPROXY_UPSTREAM": fake_openai.base_url, "PLPROXY_DATA_DIR": str(tmp_path / "data")}
+
+
+async def test_sigterm_during_a_stream_drains_it(spawn_proxy: Any, fake_openai: Any, tmp_path: Any) -> None:
+    fake_openai.chunk_delay = 0.1  # 20 chunks: about 2 s
+    proxy = await asyncio.to_thread(spawn_proxy, base_env(fake_openai, tmp_path))
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{proxy.url}/v1/chat/completions", json=CHAT)
+        log_id = response.headers["X-PL-Log-Id"]
+        first = await response.content.readline()
+        assert first.startswith(b"data: ")
+        proxy.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with session.get(f"{proxy.url}/readyz") as ready:
+            assert ready.status == 503
+            assert "draining" in (await ready.json())["problems"]
+        rest = await response.read()  # the stream runs to its end
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        assert rest.count(b"data: ") >= 20
+    code = await asyncio.to_thread(proxy.process.wait, 30)
+    assert code == 0
+    listed = subprocess.run(
+        plproxy_command("logs", "--json", "--data-dir", str(tmp_path / "data")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [record["log_id"] for record in records] == [log_id]
+    assert records[0]["state"] == "kept"
+    assert records[0]["payload"]["status"] == "SUCCESS"
+
+
+def metric_total(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+async def test_two_workers_share_the_port_the_store_and_the_metrics(
+    spawn_proxy: Any, fake_openai: Any, tmp_path: Any
+) -> None:
+    proxy = await asyncio.to_thread(spawn_proxy, base_env(fake_openai, tmp_path), "--workers", "2")
+    pids: set[int] = set()
+    calls = 40
+    for _ in range(calls):
+        # a fresh connection each time, so the kernel spreads them over both workers
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proxy.url}/healthz") as health:
+                pids.add((await health.json())["pid"])
+            body = {**CHAT, "stream": False, "model": "gpt-4o-mini"}
+            async with session.post(f"{proxy.url}/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+    assert len(pids) == 2
+    totals = set()
+    for _ in range(6):
+        async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as metrics:
+            totals.add(metric_total(await metrics.text(), "plproxy_requests_total"))
+    assert totals == {float(calls)}  # whichever worker answers, the sum over both
+    assert proxy.stop() == 0
+    listed = subprocess.run(
+        plproxy_command("logs", "--json", "--limit", "1000", "--data-dir", str(tmp_path / "data")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(records) == calls
+    assert len({record["log_id"] for record in records}) == calls
