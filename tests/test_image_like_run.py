@@ -19,6 +19,7 @@ All traffic goes to 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -42,12 +43,13 @@ import pytest
 import yaml
 
 from tests.test_deploy import (
+    CONTAINERS,
     DEPLOY,
     DOCKERFILE,
     K8S,
     PLPROXY_UID,
+    SETTING_DEFAULTS,
     docker_context_files,
-    dockerfile_env,
     dockerfile_stages,
     healthcheck_command,
     instructions,
@@ -290,20 +292,23 @@ def upstream() -> Iterator[Upstream]:
                 stream.close()
 
 
-def image_env(image: ImageBuild, data_dir: Path, port: int, upstream: Upstream) -> dict[str, str]:
-    """The container's environment: a bare PATH and HOME, the image's ENV, and what a deployment sets."""
+def image_env(
+    image: ImageBuild, data_dir: Path, port: int, upstream: Upstream, manifest: str
+) -> dict[str, str]:
+    """The container's environment: a bare PATH and HOME, the image's ENV and the literal settings of the
+    plproxy container in `manifest` (deploy/kubernetes), with the data dir, port and upstream moved here."""
+    [container] = [c for c in CONTAINERS if c.path.name == manifest]
     env = {
         "PATH": f"{image.bin}:/usr/local/bin:/usr/bin:/bin",
         "HOME": "/nonexistent",
         "LANG": "C.UTF-8",
-        **dockerfile_env(),
+        **container.env(),  # the Dockerfile's ENV, then the manifest's ConfigMaps and env values
     }
     assert env["PLPROXY_HOST"] == "0.0.0.0"
+    assert "PROMPTLAYER_API_KEY" not in env  # a secretKeyRef in the manifest: not set here
     env["PLPROXY_DATA_DIR"] = str(data_dir)  # /var/lib/plproxy in the image
     env["PLPROXY_PORT"] = str(port)
     env["PLPROXY_UPSTREAM"] = upstream.base_url
-    env["PLPROXY_LOG_FORMAT"] = "json"
-    assert "PROMPTLAYER_API_KEY" not in env
     return env
 
 
@@ -360,34 +365,78 @@ def stream_in_thread(url: str, result: dict[str, Any], first_bytes: threading.Ev
     return thread
 
 
-def test_serve_like_the_image(image: ImageBuild, upstream: Upstream) -> None:
-    data_dir = image.root / "data"  # the image's VOLUME, owned by its user
-    data_dir.mkdir(mode=0o750, exist_ok=True)
+@dataclass
+class Serving:
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    data_dir: Path
+    base: str  # http://127.0.0.1:PORT
+    stdout: Path
+    stderr: Path
+
+    def logs(self) -> str:
+        return f"\nstdout:\n{self.stdout.read_text()[-3000:]}\nstderr:\n{self.stderr.read_text()[-3000:]}"
+
+    def wait_healthy(self, seconds: float = 30) -> None:
+        """/healthz within the startupProbe's 30 s."""
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.process.poll() is None, f"plproxy exited with {self.process.returncode}{self.logs()}"
+            with contextlib.suppress(OSError):
+                if http("GET", f"{self.base}/healthz", timeout=1)[0] == 200:
+                    return
+            assert time.monotonic() < deadline, f"/healthz did not answer in {seconds:g} s{self.logs()}"
+            time.sleep(0.1)
+
+    def chat(self, text: str) -> str:
+        """One proxied call; returns its X-PL-Log-Id."""
+        status, headers, body = http(
+            "POST",
+            f"{self.base}/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]},
+            {
+                "Content-Type": "application/json",
+                "Authorization": "Bearer sk-fake",
+                "X-PL-Tags": "image-test",
+            },
+        )
+        assert status == 200, body
+        assert json.loads(body)["choices"][0]["message"]["content"] == f"echo: {text}"
+        log_id = headers.get("X-PL-Log-Id", "")
+        assert UUID.match(log_id), headers
+        return log_id
+
+    def wait_kept(self, log_id: str, seconds: float = 15) -> None:
+        """No key: the record ends `kept` in the store."""
+        deadline = time.monotonic() + seconds
+        while True:
+            status, _, body = http("GET", f"{self.base}/plproxy/logs/{log_id}")
+            if status == 200 and json.loads(body).get("state") == "kept":
+                return
+            assert time.monotonic() < deadline, f"record {log_id}: {status} {body!r}{self.logs()}"
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        drain = float(self.env["PLPROXY_DRAIN_TIMEOUT"])
+        flush = float(self.env["PLPROXY_FLUSH_TIMEOUT"])
+        return self.process.wait(timeout=drain + flush + 5)
+
+
+@contextlib.contextmanager
+def serving(image: ImageBuild, upstream: Upstream, manifest: str, name: str) -> Iterator[Serving]:
+    """`plproxy serve` started as the image starts it, configured as `manifest` configures it."""
+    data_dir = image.root / f"data-{name}"  # the image's VOLUME, owned by its user
+    data_dir.mkdir(mode=0o750)
     if AS_ROOT:
         os.chown(data_dir, PLPROXY_UID, PLPROXY_UID)
     port = free_port()
-    env = image_env(image, data_dir, port, upstream)
-    base = f"http://127.0.0.1:{port}"
-    stdout_path, stderr_path = image.root / "serve.out", image.root / "serve.err"
-
-    # The classic sidecar's postStart hook, started before plproxy: it must wait for it, then succeed.
-    [classic] = [d for d in yaml.safe_load_all((K8S / "sidecar-classic.yaml").read_text()) if d]
-    plproxy_spec = classic["spec"]["template"]["spec"]["containers"][0]
-    hook = plproxy_spec["lifecycle"]["postStart"]["exec"]["command"]
-    hook_program = shutil.which(hook[0], path=env["PATH"])
-    assert hook_program
-    hook_process = subprocess.Popen(
-        [hook_program, *hook[1:]],
-        env=env,
-        cwd=data_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        **as_runtime_user(),
-    )
-
-    with stdout_path.open("w") as out, stderr_path.open("w") as err:
-        serve = subprocess.Popen(
+    env = image_env(image, data_dir, port, upstream, manifest)
+    env.setdefault("PLPROXY_DRAIN_TIMEOUT", SETTING_DEFAULTS["PLPROXY_DRAIN_TIMEOUT"])
+    env.setdefault("PLPROXY_FLUSH_TIMEOUT", SETTING_DEFAULTS["PLPROXY_FLUSH_TIMEOUT"])
+    stdout, stderr = image.root / f"{name}.out", image.root / f"{name}.err"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(
             entrypoint_command(env),
             env=env,
             cwd=data_dir,  # the image's WORKDIR is its data dir
@@ -396,54 +445,34 @@ def test_serve_like_the_image(image: ImageBuild, upstream: Upstream) -> None:
             start_new_session=True,
             **as_runtime_user(),
         )
-
-    def logs() -> str:
-        return f"\nstdout:\n{stdout_path.read_text()[-3000:]}\nstderr:\n{stderr_path.read_text()[-3000:]}"
-
     try:
-        # Up: /healthz within the startupProbe's 30 s.
-        deadline = time.monotonic() + 30
-        while True:
-            assert serve.poll() is None, f"plproxy exited with {serve.returncode}{logs()}"
-            with contextlib.suppress(OSError):
-                if http("GET", f"{base}/healthz", timeout=1)[0] == 200:
-                    break
-            assert time.monotonic() < deadline, f"/healthz did not answer in 30 s{logs()}"
-            time.sleep(0.1)
-        assert http("GET", f"{base}/readyz")[0] == 200, logs()
+        yield Serving(process, env, data_dir, f"http://127.0.0.1:{port}", stdout, stderr)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
 
-        _, hook_err = hook_process.communicate(timeout=30)
-        assert hook_process.returncode == 0, f"postStart hook failed: {hook_err}"
+
+def test_serve_like_the_image(image: ImageBuild, upstream: Upstream) -> None:
+    """The native sidecar's configuration, run the image's way."""
+    with serving(image, upstream, "sidecar-native.yaml", "sidecar") as proxy:
+        env, data_dir, base = proxy.env, proxy.data_dir, proxy.base
+        # The classic sidecar's postStart hook, started as soon as plproxy: it waits for it, then succeeds.
+        [classic] = [d for d in yaml.safe_load_all((K8S / "sidecar-classic.yaml").read_text()) if d]
+        hook = classic["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["postStart"]["exec"][
+            "command"
+        ]
+        hook_run = run_as_runtime_user(hook, env, data_dir, timeout=40)
+        assert hook_run.returncode == 0, f"postStart hook failed: {hook_run.stderr}{proxy.logs()}"
+        proxy.wait_healthy()
+        assert http("GET", f"{base}/readyz")[0] == 200, proxy.logs()
 
         # The Dockerfile's HEALTHCHECK command, as the container runtime would run it.
         check = run_as_runtime_user(healthcheck_command(), env, data_dir)
         assert check.returncode == 0, check.stderr
 
-        # One proxied call, recorded.
-        status, headers, body = http(
-            "POST",
-            f"{base}/v1/chat/completions",
-            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello image"}]},
-            {
-                "Content-Type": "application/json",
-                "Authorization": "Bearer sk-fake",
-                "X-PL-Tags": "image-test",
-            },
-        )
-        assert status == 200, body
-        assert json.loads(body)["choices"][0]["message"]["content"] == "echo: hello image"
-        log_id = headers.get("X-PL-Log-Id", "")
-        assert UUID.match(log_id), headers
-
-        # No key: the record is kept in the store, which uid 10001 wrote.
-        deadline = time.monotonic() + 15
-        while True:
-            status, _, body = http("GET", f"{base}/plproxy/logs/{log_id}")
-            state = json.loads(body).get("state") if status == 200 else None
-            if state == "kept":
-                break
-            assert time.monotonic() < deadline, f"record state {status} {body!r}{logs()}"
-            time.sleep(0.2)
+        # One proxied call, recorded in the store, which uid 10001 wrote.
+        proxy.wait_kept(proxy.chat("hello image"))
         db_files = [p for p in data_dir.iterdir() if p.is_file()]
         assert db_files, "nothing written in the data dir"
         if AS_ROOT:
@@ -469,7 +498,7 @@ def test_serve_like_the_image(image: ImageBuild, upstream: Upstream) -> None:
         first_bytes = threading.Event()
         reader = stream_in_thread(f"{base}/v1/chat/completions", result, first_bytes)
         assert first_bytes.wait(10), result
-        serve.send_signal(signal.SIGTERM)
+        proxy.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         while http("GET", f"{base}/readyz", timeout=2)[0] != 503:
             assert time.monotonic() < deadline, "/readyz still 200 after SIGTERM"
@@ -478,16 +507,28 @@ def test_serve_like_the_image(image: ImageBuild, upstream: Upstream) -> None:
         assert "error" not in result, result
         assert result["status"] == 200
         assert result["body"].rstrip().endswith(b"data: [DONE]"), result["body"][-200:]
-        drain, flush = float(env.get("PLPROXY_DRAIN_TIMEOUT", 20)), float(env.get("PLPROXY_FLUSH_TIMEOUT", 5))
-        assert serve.wait(timeout=drain + flush + 5) == 0, logs()
+        assert proxy.stop() == 0, proxy.logs()
 
         # Stopped: the HEALTHCHECK now fails.
         check = run_as_runtime_user(healthcheck_command(), env, data_dir)
         assert check.returncode != 0
-    finally:
-        for process in (serve, hook_process):
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-        if hook_process.stderr:
-            hook_process.stderr.close()
+
+
+@pytest.mark.xfail(
+    importlib.util.find_spec("plproxy.workers") is None,
+    reason="PLPROXY_WORKERS > 1 needs plproxy.workers, which is not in the tree yet",
+    strict=True,
+)
+def test_gateway_configuration_serves(image: ImageBuild, upstream: Upstream) -> None:
+    """The gateway's ConfigMap (several workers) run the image's way: calls, records, metrics, clean stop."""
+    with serving(image, upstream, "gateway.yaml", "gateway") as proxy:
+        assert int(proxy.env["PLPROXY_WORKERS"]) >= 2
+        proxy.wait_healthy()
+        assert http("GET", f"{proxy.base}/readyz")[0] == 200, proxy.logs()
+        log_ids = [proxy.chat(f"gateway call {n}") for n in range(8)]
+        for log_id in log_ids:
+            proxy.wait_kept(log_id)
+        status, _, body = http("GET", f"{proxy.base}/metrics")
+        assert status == 200
+        assert b"plproxy_requests_total{" in body
+        assert proxy.stop() == 0, proxy.logs()
