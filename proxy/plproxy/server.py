@@ -25,6 +25,7 @@ from plproxy.exporter import Exporter
 from plproxy.forwarder import Forwarder
 from plproxy.metrics import Metrics
 from plproxy.pl_headers import PLHeaders
+from plproxy.proxy_auth import auth_middleware
 from plproxy.settings import Settings
 from plproxy.store import Store
 
@@ -103,7 +104,10 @@ def create_app(
     settings: Settings, *, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
 ) -> web.Application:
     """The proxy app; `multiprocess_dir` is prometheus_client's directory when run by `--workers`."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    middlewares = [error_middleware]
+    if settings.proxy_tokens:
+        middlewares.append(auth_middleware(settings.proxy_tokens))
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[MULTIPROCESS_DIR] = multiprocess_dir
     app[METRICS] = Metrics(registry)

@@ -115,6 +115,39 @@ def _api_key(raw: str, _env: Mapping[str, str]) -> str | None:
     return value
 
 
+MIN_TOKEN_CHARS = 16
+
+
+def _auth_tokens(raw: str, _env: Mapping[str, str]) -> tuple[str, ...]:
+    return _check_tokens([token.strip() for token in raw.split(",") if token.strip()])
+
+
+def _auth_tokens_file(raw: str, _env: Mapping[str, str]) -> tuple[str, ...]:
+    path = raw.strip()
+    if not path:
+        return ()
+    try:
+        text = Path(os.path.expanduser(path)).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"it cannot be read ({reason}); use a readable file, one token a line") from None
+    lines = [line.strip() for line in text.splitlines()]
+    tokens = _check_tokens([line for line in lines if line and not line.startswith("#")])
+    if not tokens:
+        raise ValueError("it holds no token; put one token per line (lines starting with # are comments)")
+    return tokens
+
+
+def _check_tokens(tokens: list[str]) -> tuple[str, ...]:
+    for token in tokens:
+        if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+            raise ValueError(
+                f"use tokens of at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces "
+                "(the values are not shown)"
+            )
+    return tuple(tokens)
+
+
 def default_data_dir(env: Mapping[str, str]) -> str:
     state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
     return str(Path(state_home) / "plproxy")
@@ -274,6 +307,22 @@ OPTIONS: tuple[Option, ...] = (
         _int_between(1, 256),
     ),
     Option(
+        "auth_tokens",
+        "PLPROXY_AUTH_TOKENS",
+        "",
+        "tokens callers must present (Proxy-Authorization: Bearer … or X-PL-Proxy-Auth), comma-separated; "
+        "unset: no proxy authentication",
+        _auth_tokens,
+        secret=True,
+    ),
+    Option(
+        "auth_tokens_file",
+        "PLPROXY_AUTH_TOKENS_FILE",
+        "",
+        "a file with one such token per line, read at start-up",
+        _auth_tokens_file,
+    ),
+    Option(
         "workers",
         "PLPROXY_WORKERS",
         "1",
@@ -320,6 +369,8 @@ class Settings:
     flush_timeout: float = 5.0
     store_max_mb: int = 1024
     export_concurrency: int = 8
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    auth_tokens_file: tuple[str, ...] = field(default=(), repr=False)  # the tokens read from that file
     workers: int = 1
     log_level: str = "info"
     log_format: str = "json"
@@ -351,6 +402,11 @@ class Settings:
     def all_routes(self) -> tuple[Route, ...]:
         """The default upstream as the route `v1`, then the named routes."""
         return (Route("v1", self.upstream), *self.routes)
+
+    @property
+    def proxy_tokens(self) -> tuple[str, ...]:
+        """Every token that opens the proxy, from the variable and the file."""
+        return self.auth_tokens + self.auth_tokens_file
 
     @property
     def max_body_bytes(self) -> int:
