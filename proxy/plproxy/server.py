@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -122,6 +123,14 @@ def create_app(
     return app
 
 
+def count_tokens(metrics: Metrics, payload: dict[str, Any]) -> None:
+    model = metrics.model_label(payload.get("model"))
+    for direction, key in (("in", "input_tokens"), ("out", "output_tokens")):
+        tokens = payload.get(key)
+        if isinstance(tokens, int) and tokens > 0:
+            metrics.tokens.labels(direction, model).inc(tokens)
+
+
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -163,9 +172,13 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     app[EXPORTER] = exporter
 
     def submit(capture: Capture, api_key: str | None, pl: PLHeaders) -> None:
-        store.submit(
-            capture.log_id, capture.build_payload, api_key=api_key, followups=control_api.header_followups(pl)
-        )
+        def build() -> dict[str, Any]:
+            # runs on the store's writer thread, where the tokens are first known
+            payload = capture.build_payload()
+            count_tokens(metrics, payload)
+            return payload
+
+        store.submit(capture.log_id, build, api_key=api_key, followups=control_api.header_followups(pl))
 
     app[FORWARDER] = Forwarder(settings, app[SESSION], submit, metrics)
     exporter.start()
