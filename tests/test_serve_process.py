@@ -89,3 +89,22 @@ async def test_two_workers_share_the_port_the_store_and_the_metrics(
     records = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(records) == calls
     assert len({record["log_id"] for record in records}) == calls
+
+
+async def test_a_corrupt_store_is_moved_aside_and_a_fresh_one_started(
+    spawn_proxy: Any, fake_openai: Any, tmp_path: Any
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "plproxy.db").write_bytes(b"this is not an SQLite database" * 100)
+    proxy = await asyncio.to_thread(spawn_proxy, base_env(fake_openai, tmp_path))
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/readyz") as ready:
+        assert ready.status == 200
+    moved = list(data.glob("plproxy.db.corrupt-*"))
+    assert len(moved) == 1
+    assert moved[0].read_bytes().startswith(b"this is not an SQLite database")
+    assert proxy.stop() == 0
+    lines = [json.loads(line) for line in proxy.output().splitlines() if line.startswith("{")]
+    events = [line for line in lines if line["event"] == "store moved aside"]
+    assert len(events) == 1
+    assert events[0]["moved_to"] == str(moved[0])

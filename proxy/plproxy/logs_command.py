@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from plproxy.exporter import Exporter
+from plproxy.server import open_store
 from plproxy.settings import Settings
 from plproxy.store import RecordSummary, Store
 
@@ -22,11 +23,7 @@ COLUMNS = ("TIME", "LOG ID", "STATE", "MODEL", "TAGS", "LATENCY", "TOKENS")
 
 
 def _open_store(settings: Settings) -> Store:
-    return Store(
-        settings.data_dir,
-        has_default_key=settings.promptlayer_api_key is not None,
-        max_bytes=settings.store_max_mb * 1024 * 1024,
-    )
+    return open_store(settings)
 
 
 def summary_json(summary: RecordSummary) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from plproxy import oplog
 from plproxy.app_keys import STATE
 from plproxy.server import create_app
 from plproxy.settings import Settings
+from plproxy.store import StoreError
 
 log = logging.getLogger("plproxy.serve")
 
@@ -54,7 +55,11 @@ async def _serve(settings: Settings, *, reuse_port: bool, multiprocess_dir: str 
         shutdown_timeout=1.0,  # the drain below already waited; this only bounds stragglers
         access_log=None,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StoreError as error:
+        print(f"plproxy: {error}", file=sys.stderr)
+        return 1
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=2048)
     try:
         await site.start()

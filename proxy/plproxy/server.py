@@ -28,7 +28,7 @@ from plproxy.metrics import Metrics
 from plproxy.pl_headers import PLHeaders
 from plproxy.proxy_auth import auth_middleware
 from plproxy.settings import Settings
-from plproxy.store import Store
+from plproxy.store import CorruptStore, Store, move_aside
 
 log = logging.getLogger("plproxy.server")
 
@@ -150,15 +150,29 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+def open_store(settings: Settings, metrics: Metrics | None = None) -> Store:
+    """The store; a damaged file is moved aside (kept, never deleted) and an empty store started."""
+
+    def open_it() -> Store:
+        return Store(
+            settings.data_dir,
+            has_default_key=settings.promptlayer_api_key is not None,
+            max_bytes=settings.store_max_mb * 1024 * 1024,
+            metrics=metrics,
+        )
+
+    try:
+        return open_it()
+    except CorruptStore as error:
+        moved = move_aside(settings.store_path)
+        log.error("store moved aside", extra={"fields": {"reason": str(error), "moved_to": str(moved)}})
+        return open_it()
+
+
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    store = Store(
-        settings.data_dir,
-        has_default_key=settings.promptlayer_api_key is not None,
-        max_bytes=settings.store_max_mb * 1024 * 1024,
-        metrics=metrics,
-    )
+    store = open_store(settings, metrics)
     app[STORE] = store
     pl_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
     exporter = Exporter(

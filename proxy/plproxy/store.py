@@ -93,6 +93,21 @@ class StoreError(Exception):
     """The store cannot be opened or used (corrupt file, newer schema, data dir unusable)."""
 
 
+class CorruptStore(StoreError):
+    """The file is damaged or not a plproxy store: `move_aside` it and start with an empty one."""
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged store file (and its -wal/-shm companions) to `<name>.corrupt-<time>`; never delete."""
+    suffix = time.strftime(".corrupt-%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(path.name + suffix)
+    for companion in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + companion)
+        if source.exists():
+            source.rename(path.with_name(path.name + suffix + companion))
+    return target
+
+
 @dataclass(frozen=True, slots=True)
 class RecordStatus:
     log_id: str
@@ -337,7 +352,7 @@ class Store:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StoreError(
+            raise CorruptStore(
                 f"the store {self.path} is not a usable plproxy database ({exc}); "
                 "move it aside to start with an empty store"
             ) from exc
@@ -360,7 +375,7 @@ class Store:
                         "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
                     ).fetchone()
                     if tables[0]:
-                        raise StoreError(
+                        raise CorruptStore(
                             f"{self.path} is an SQLite file that is not a plproxy store; "
                             "move it aside or use another data dir"
                         )
@@ -372,7 +387,7 @@ class Store:
         except sqlite3.OperationalError as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
+            raise CorruptStore(
                 f"the store {self.path} is corrupt or not a plproxy database ({exc}); "
                 "move it aside to start with an empty store"
             ) from exc
