@@ -6,8 +6,9 @@
   Python 3.11 that an unprivileged user can run. Only the paths (/wheels) are moved into a temporary
   directory; the commands are read from the Dockerfile, so a change there is tested here.
 - `plproxy serve` starts from that environment as uid 10001 (the image's USER, when the tests run as root)
-  with the image's ENV (the data dir moved to a temporary directory owned by that uid), HOME=/nonexistent,
-  the ENTRYPOINT and CMD of the Dockerfile, no PromptLayer key, and the fake OpenAI upstream on loopback.
+  with the image's ENV and the settings of the plproxy container of sidecar-native.yaml (the data dir moved
+  to a temporary directory owned by that uid), HOME=/nonexistent, the ENTRYPOINT and CMD of the Dockerfile,
+  no PromptLayer key, and the fake OpenAI upstream on loopback. A second run takes the gateway's ConfigMap.
 - Checked: /healthz, /readyz, a proxied chat completion with X-PL-Log-Id whose record is kept in the store
   (written by uid 10001), /metrics, the Dockerfile's HEALTHCHECK command, the classic sidecar's postStart
   hook, the Compose example app, then SIGTERM during a stream: /readyz turns 503 while the stream is
@@ -88,18 +89,21 @@ def as_runtime_user() -> dict[str, Any]:
 
 
 def base_python() -> str:
-    """A Python 3.11 (like the image's) that the runtime user can execute, with venv and ensurepip."""
+    """A Python the runtime user can execute, with venv and ensurepip: 3.11 like the image's if there is
+    one, else the first 3.11+ (plproxy's own floor)."""
     candidates = [
         os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
-        shutil.which("python3.11") or "",
+        *(shutil.which(f"python3.{minor}") or "" for minor in (11, 12, 13, 14)),
         "/usr/local/bin/python3.11",
         "/usr/bin/python3.11",
+        shutil.which("python3") or "",
     ]
+    usable: dict[str, tuple[int, int]] = {}
     tried = []
     for candidate in dict.fromkeys(c for c in candidates if c):
         try:
             probe = subprocess.run(
-                [candidate, "-c", "import sys, venv, ensurepip; sys.exit(sys.version_info[:2] != (3, 11))"],
+                [candidate, "-c", "import sys, venv, ensurepip; print(*sys.version_info[:2])"],
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -111,9 +115,16 @@ def base_python() -> str:
             tried.append(f"{candidate}: {error}")
             continue
         if probe.returncode == 0:
-            return candidate
-        tried.append(f"{candidate}: exit {probe.returncode} {probe.stderr.strip()[-200:]}")
-    pytest.fail("no Python 3.11 with venv and ensurepip runnable by uid 10001:\n" + "\n".join(tried))
+            major, minor = map(int, probe.stdout.split())
+            if (major, minor) >= (3, 11):
+                usable[candidate] = (major, minor)
+                continue
+        tried.append(
+            f"{candidate}: exit {probe.returncode} {probe.stdout.strip()} {probe.stderr.strip()[-200:]}"
+        )
+    if not usable:
+        pytest.fail("no Python 3.11+ with venv and ensurepip runnable by uid 10001:\n" + "\n".join(tried))
+    return next((c for c, version in usable.items() if version == (3, 11)), next(iter(usable)))
 
 
 def build_env(venv_bin: Path) -> dict[str, str]:
