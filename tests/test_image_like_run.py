@@ -20,7 +20,6 @@ All traffic goes to 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -525,11 +524,6 @@ def test_serve_like_the_image(image: ImageBuild, upstream: Upstream) -> None:
         assert check.returncode != 0
 
 
-@pytest.mark.xfail(
-    importlib.util.find_spec("plproxy.workers") is None,
-    reason="PLPROXY_WORKERS > 1 needs plproxy.workers, which is not in the tree yet",
-    strict=True,
-)
 def test_gateway_configuration_serves(image: ImageBuild, upstream: Upstream) -> None:
     """The gateway's ConfigMap (several workers) run the image's way: calls, records, metrics, clean stop."""
     with serving(image, upstream, "gateway.yaml", "gateway") as proxy:
