@@ -40,7 +40,8 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from plproxy.metrics import Metrics
-from plproxy.settings import OPTIONS, Settings
+from plproxy.proxy_auth import OPEN_PATHS
+from plproxy.settings import OPTIONS, Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -346,7 +347,11 @@ def test_plproxy_volumes(item: PlproxyContainer) -> None:
     assert "/tmp" in mounts, f"{item.id}: a read-only root filesystem needs a writable /tmp"
     assert "emptyDir" in volumes[mounts["/tmp"]]
     for mount in item.container["volumeMounts"]:
-        assert not mount.get("readOnly"), f"{item.id}: {mount['mountPath']} must be writable"
+        if mount["mountPath"] in (data_dir, "/tmp"):
+            assert not mount.get("readOnly"), f"{item.id}: {mount['mountPath']} must be writable"
+        else:  # anything else is configuration: read-only, from a Secret or a ConfigMap
+            assert mount.get("readOnly") is True, f"{item.id}: mount {mount['mountPath']} read-only"
+            assert {"secret", "configMap"} & set(volumes[mount["name"]]), mount
     # emptyDirs are writable by the pod's fsGroup; the image's uid/gid is 10001.
     assert item.pod.get("securityContext", {}).get("fsGroup") == PLPROXY_UID
 
@@ -403,6 +408,31 @@ def test_grace_period_covers_drain_and_flush(item: PlproxyContainer) -> None:
         assert any(n == pre_stop and what.startswith("preStop") for n, what in terms)
 
 
+def example_secrets() -> dict[str, dict[str, Any]]:
+    return {
+        doc["metadata"]["name"]: doc
+        for doc in load_docs(K8S / "promptlayer-secret.example.yaml")
+        if doc["kind"] == "Secret"
+    }
+
+
+def secret_file_source(item: PlproxyContainer, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path`: a read-only mount of a Secret of the example file."""
+    volumes = {v["name"]: v for v in item.pod.get("volumes", [])}
+    for mount in item.container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(directory):
+            assert mount.get("readOnly") is True, f"{item.id}: {directory} must be read-only"
+            secret = volumes[mount["name"]]["secret"]
+            relative = path[len(directory) :]
+            items = {i["path"]: i["key"] for i in secret.get("items", [])} or {relative: relative}
+            assert relative in items, f"{item.id}: {path} is not an item of Secret {secret['secretName']}"
+            assert secret["secretName"] in example_secrets(), secret["secretName"]
+            assert items[relative] in example_secrets()[secret["secretName"]]["stringData"]
+            return secret["secretName"], items[relative]
+    raise AssertionError(f"{item.id}: {path} is on no volume")
+
+
 @pytest.mark.parametrize("item", CONTAINERS, ids=by_id)
 def test_plproxy_settings_are_valid(item: PlproxyContainer, tmp_path: Path) -> None:
     """Every PLPROXY_* value in the manifest is a known setting that plproxy's own parser accepts."""
@@ -411,6 +441,11 @@ def test_plproxy_settings_are_valid(item: PlproxyContainer, tmp_path: Path) -> N
         if name.startswith(("PLPROXY_", "PROMPTLAYER_")):
             assert name in KNOWN_ENV, f"{item.id}: {name} is not a plproxy setting"
     env = {**env, "PLPROXY_DATA_DIR": str(tmp_path / "data"), "PROMPTLAYER_API_KEY": "pl_placeholder"}
+    if "PLPROXY_AUTH_TOKENS_FILE" in env:
+        secret_file_source(item, env["PLPROXY_AUTH_TOKENS_FILE"])
+        tokens = tmp_path / "tokens"
+        tokens.write_text("# team-a\n" + "a" * 32 + "\n")
+        env["PLPROXY_AUTH_TOKENS_FILE"] = str(tokens)
     Settings.from_sources(env)
 
 
@@ -507,6 +542,12 @@ def test_gateway() -> None:
     assert selects(service["spec"]["selector"], pod_labels)
     [port] = service["spec"]["ports"]
     assert probe_port(item.container, port["targetPort"]) == int(item.setting("PLPROXY_PORT"))
+    # A shared gateway asks callers for a token; probes and Prometheus get through without one.
+    assert {"PLPROXY_AUTH_TOKENS", "PLPROXY_AUTH_TOKENS_FILE"} & set(item.env())
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert item.container[probe]["httpGet"]["path"] in OPEN_PATHS
+    monitor = next(d for d in load_docs(K8S / "monitoring.yaml") if d["kind"] == "ServiceMonitor")
+    assert all(endpoint["path"] in OPEN_PATHS for endpoint in monitor["spec"]["endpoints"])
     # The endpoint-removal delay: the pod leaves the Service before plproxy stops listening.
     assert pre_stop_seconds(item.container) >= 1
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
@@ -523,7 +564,31 @@ def test_example_secret_holds_placeholders_only() -> None:
         assert doc["kind"] == "Secret"
         assert "data" not in doc, "stringData placeholders only, no base64 data"
         for value in doc["stringData"].values():
-            assert value.startswith("REPLACE_WITH_"), value
+            lines = [line for line in value.splitlines() if line.strip() and not line.startswith("#")]
+            assert lines, value
+            assert all(line.startswith("REPLACE WITH ") for line in lines), value
+
+
+def test_example_placeholders_fail_closed(tmp_path: Path) -> None:
+    """An unedited example Secret stops plproxy at start-up, instead of exporting with a bogus key or
+    opening the gateway to a token everybody can read here."""
+    secrets = example_secrets()
+    base = {"PLPROXY_DATA_DIR": str(tmp_path / "data")}
+    for item in CONTAINERS:
+        [ref] = [
+            e["valueFrom"]["secretKeyRef"]
+            for e in item.container["env"]
+            if e["name"] == "PROMPTLAYER_API_KEY"
+        ]
+        placeholder = secrets[ref["name"]]["stringData"][ref["key"]]
+        with pytest.raises(SettingsError):
+            Settings.from_sources({**base, "PROMPTLAYER_API_KEY": placeholder})
+        if "PLPROXY_AUTH_TOKENS_FILE" in item.env():
+            name, key = secret_file_source(item, item.env()["PLPROXY_AUTH_TOKENS_FILE"])
+            tokens = tmp_path / "tokens"
+            tokens.write_text(secrets[name]["stringData"][key])
+            with pytest.raises(SettingsError):
+                Settings.from_sources({**base, "PLPROXY_AUTH_TOKENS_FILE": str(tokens)})
 
 
 def test_no_real_key_anywhere_in_deploy_files() -> None:
