@@ -10,7 +10,7 @@
 # (.dockerignore is an allow-list).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
 COPY handler ./handler
 # requirements.txt names the wheel by path with the `fast` extra, so stage 2 installs exactly this build.

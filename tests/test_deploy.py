@@ -809,7 +809,7 @@ def test_dockerfile_build_stage() -> None:
     assert "--no-deps" in runs
     assert "plproxy[fast]" in runs, "stage 2 must install the wheel with the fast extra"
     copied = " ".join(instructions(build, "COPY"))
-    for source in ("pyproject.toml", "README.md", "proxy", "handler"):
+    for source in ("pyproject.toml", "README.md", "LICENSE", "proxy", "handler"):
         assert source in copied
 
 
@@ -933,7 +933,7 @@ def test_dockerignore_lets_in_exactly_the_sources() -> None:
     assert "handler/plproxy_langchain/__init__.py" in kept
     for path in kept:
         top = path.split("/")[0]
-        assert top in {"pyproject.toml", "README.md", "proxy", "handler"}, (
+        assert top in {"pyproject.toml", "README.md", "LICENSE", "proxy", "handler"}, (
             f"{path} would enter the image context"
         )
         assert "__pycache__" not in path
