@@ -17,6 +17,8 @@ from plproxy.reassembly import (
     StreamAssembler,
     assembler_for,
 )
+from plproxy.reassembly_anthropic import AnthropicStreamAssembler
+from plproxy.reassembly_responses import ResponsesStreamAssembler
 from plproxy.record import Api
 from plproxy.sse import SSEDecoder, encode_event
 
@@ -251,13 +253,13 @@ def test_completion_finished_after_every_finish_reason() -> None:
     assert (before, assembler.finished) == (False, True)
 
 
-# --- the registry and the stand-in for other APIs ---------------------------------------------------
+# --- the registry, and the snapshot stand-in for APIs without an assembler ---------------------------------------------------
 
 @pytest.mark.parametrize(("api", "kind"), [
     (Api.CHAT, ChatStreamAssembler),
     (Api.COMPLETION, CompletionStreamAssembler),
-    (Api.RESPONSES, SnapshotAssembler),
-    (Api.ANTHROPIC_MESSAGES, SnapshotAssembler),
+    (Api.RESPONSES, ResponsesStreamAssembler),
+    (Api.ANTHROPIC_MESSAGES, AnthropicStreamAssembler),
 ])
 def test_assembler_for(api: Api, kind: type) -> None:
     assert type(assembler_for(api)) is kind

@@ -28,21 +28,32 @@ class CallKind:
     model_hint: str | None = None  # an Azure deployment: the model when the answer names none
 
 
+def _has_api_version(query: str) -> bool:
+    return any(part.partition("=")[0] == "api-version" for part in query.split("&"))
+
+
 def classify(method: str, target: Target) -> CallKind | None:
     if method != "POST":
         return None
     rest = target.rest.rstrip("/")
     base_path = target.route.url.path.rstrip("/")
     azure_base = base_path.endswith("/openai")
+    api_version = _has_api_version(target.query)
     deployment = _AZURE_DEPLOYMENT.match(rest)
-    if deployment and (azure_base or "api-version=" in target.query):
+    if deployment and (azure_base or api_version):
         api = _OPENAI_PATHS.get(deployment.group(2))
         return CallKind(api, "openai.azure", deployment.group(1)) if api else None
     if f"{base_path}/{rest}".endswith("/v1/messages"):
         return CallKind(Api.ANTHROPIC_MESSAGES, "anthropic")
-    # Azure's v1 surface (/openai/v1/chat/completions) has no deployment in the path
-    rest_api = rest.removeprefix("openai/v1/") if azure_base else rest
-    api = _OPENAI_PATHS.get(rest_api)
+    # Azure without a deployment in the path: `/openai/responses?api-version=…`, or its v1 surface
+    # `/openai/v1/responses`. A base ending in /openai alone is not enough: gateways (Cloudflare's, for
+    # one) serve plain OpenAI under such a base.
+    azure = (azure_base and (api_version or rest.startswith("v1/"))) or (
+        api_version and rest.startswith("openai/")
+    )
+    if azure:
+        rest = rest.removeprefix("openai/").removeprefix("v1/")
+    api = _OPENAI_PATHS.get(rest)
     if api is None:
         return None
-    return CallKind(api, "openai.azure" if azure_base else "openai")
+    return CallKind(api, "openai.azure" if azure else "openai")

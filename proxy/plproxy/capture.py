@@ -66,7 +66,13 @@ class Capture:
                 if isinstance(event, dict):
                     assembler.add(event)
             response = assembler.result()
-            if outcome is None and not (self.stream_done or assembler.finished):
+            # the upstream's own error inside a 200 stream (Anthropic's and the Responses API's `error`
+            # event, `response.failed`): an error of the call, with the upstream's message
+            stream_error = getattr(assembler, "error", None)
+            if outcome is None and isinstance(stream_error, str):
+                outcome = Outcome.UPSTREAM_ERROR
+                error_message = error_message or stream_error
+            elif outcome is None and not (self.stream_done or assembler.finished):
                 outcome = Outcome.PARTIAL
                 error_message = error_message or "the stream ended before its last event"
         else:

@@ -50,6 +50,8 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 # What plproxy can decode for the record; a recorded call asks the upstream for no other encoding.
 _DECODABLE_ENCODINGS = "gzip, deflate"
+# How much of a 400/422 answer to an injected request is read to see whether it refuses stream_options.
+_REJECTION_PEEK_BYTES = 64 * 1024
 
 SubmitCapture = Callable[[Capture, str | None, PLHeaders], None]
 
@@ -109,6 +111,17 @@ class Forwarder:
         self._session = session
         self._submit = submit
         self._metrics = metrics
+        # Routes whose upstream refused `stream_options` (some local servers reject unknown fields):
+        # their streams are forwarded untouched from then on.
+        self._refuses_stream_options: set[str] = set()
+
+    def refuses_stream_options(self, route: str) -> bool:
+        return route in self._refuses_stream_options
+
+    def note_stream_options_refused(self, route: str, status: int) -> None:
+        if route not in self._refuses_stream_options:
+            self._refuses_stream_options.add(route)
+            log.warning("stream_usage_refused", extra={"fields": {"route": route, "status": status}})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
@@ -146,6 +159,7 @@ class _Call:
         self.target = target
         self.pl = pl
         self.body = body
+        self.client_body = body  # as the client sent it, when `body` is rewritten for usage injection
         self.perf_start = perf_start
         self.upstream_wait = 0.0
         self.model: str | None = None
@@ -171,7 +185,8 @@ class _Call:
             return
         model = parsed.get("model")
         self.model = model if isinstance(model, str) else kind.model_hint
-        if self.f._settings.stream_usage == "inject" and kind.api in (Api.CHAT, Api.COMPLETION):
+        if (self.f._settings.stream_usage == "inject" and kind.api in (Api.CHAT, Api.COMPLETION)
+                and not self.f.refuses_stream_options(self.target.route.name)):
             self.injection = UsageInjection.for_request(parsed)
             if self.injection is not None:
                 self.body = orjson.dumps(self.injection.request)
@@ -230,12 +245,42 @@ class _Call:
             ) from None
         self.upstream_wait += time.perf_counter() - sent
         self.f._metrics.upstream_ttfb.labels(self.target.route.name).observe(time.perf_counter() - sent)
+        prefetched = b""
         try:
-            return await self._relay_body(upstream)
+            if self.injection is not None and upstream.status in (400, 422):
+                prefetched = await self._peek(upstream)
+                if b"stream_options" in prefetched:
+                    # The upstream refused the field plproxy added, not the client's call: send the call
+                    # again exactly as the client sent it (once: there is no injection the second time).
+                    self.f.note_stream_options_refused(self.target.route.name, upstream.status)
+                    self.injection = None
+                    self.body = self.client_body
+                    upstream.release()
+                    return await self._relay()
+            return await self._relay_body(upstream, prefetched)
         finally:
             upstream.release()
 
-    async def _relay_body(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _peek(self, upstream: aiohttp.ClientResponse) -> bytes:
+        """Up to _REJECTION_PEEK_BYTES of the answer; the rest stays in the stream for the relay."""
+        parts: list[bytes] = []
+        size = 0
+        waited = time.perf_counter()
+        while size < _REJECTION_PEEK_BYTES:
+            try:
+                chunk = await upstream.content.read(_REJECTION_PEEK_BYTES - size)
+            except (aiohttp.ClientError, TimeoutError):
+                break  # the relay meets the same failure and records it
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        self.upstream_wait += time.perf_counter() - waited
+        return b"".join(parts)
+
+    async def _relay_body(
+        self, upstream: aiohttp.ClientResponse, prefetched: bytes = b""
+    ) -> web.StreamResponse:
         capture = self.capture
         content_type = upstream.headers.get("Content-Type", "")
         is_stream = content_type.startswith("text/event-stream")
@@ -261,9 +306,12 @@ class _Call:
         try:
             content = upstream.content
             while True:
-                waited = time.perf_counter()
-                chunk = await content.readany()
-                self.upstream_wait += time.perf_counter() - waited
+                if prefetched:
+                    chunk, prefetched = prefetched, b""
+                else:
+                    waited = time.perf_counter()
+                    chunk = await content.readany()
+                    self.upstream_wait += time.perf_counter() - waited
                 if not chunk:
                     break
                 if decoder is None:

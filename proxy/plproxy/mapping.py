@@ -349,16 +349,6 @@ def _embedding_blueprints(request: Mapping[str, Any], response: Mapping[str, Any
             {"type": "completion", "content": _embedding_summary(response)})
 
 
-def _raw_blueprints(request: Mapping[str, Any], response: Mapping[str, Any] | None,
-                    leftovers: dict[str, Any]) -> tuple[Blueprint, Blueprint]:
-    """Stand-in for APIs without their own mapping yet: the prompt and answer as JSON text."""
-    prompt = {k: v for k, v in request.items()
-              if k in ("input", "messages", "system", "instructions", "tools", "tool_choice")}
-    answer = [] if response is None else [_text(_json_text(_scrub(response)))]
-    return ({"type": "completion", "content": [_text(_json_text(_scrub(prompt)))]},
-            {"type": "completion", "content": answer})
-
-
 # --- the dispatch table --------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -379,10 +369,7 @@ MAPPINGS: dict[Api, ApiMapping] = {
                          _CHAT_TEMPLATE_KEYS),
     Api.COMPLETION: ApiMapping(_completion_blueprints, "openai.completions.create", "chat-completions"),
     Api.EMBEDDING: ApiMapping(_embedding_blueprints, "openai.embeddings.create", "chat-completions"),
-    Api.RESPONSES: ApiMapping(_raw_blueprints, "openai.responses.create", "responses",
-                              frozenset({"tools", "tool_choice", "instructions"})),
-    Api.ANTHROPIC_MESSAGES: ApiMapping(_raw_blueprints, "anthropic.messages.create", None,
-                                       frozenset({"tools", "tool_choice", "system"})),
+    # Api.RESPONSES and Api.ANTHROPIC_MESSAGES: registered by their own modules, imported at the end
 }
 
 
@@ -513,3 +500,7 @@ def to_log_request(record: LogRecord) -> dict[str, Any]:
         if message:
             body["error_message"] = message[:ERROR_MESSAGE_MAX]
     return body
+
+
+# The provider mappings build on the helpers above and add themselves to MAPPINGS.
+from plproxy import mapping_anthropic, mapping_responses  # noqa: E402, F401

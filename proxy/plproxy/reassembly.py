@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, TypeGuard
 
+from plproxy.reassembly_anthropic import AnthropicStreamAssembler
+from plproxy.reassembly_responses import ResponsesStreamAssembler
 from plproxy.record import Api
 
 __all__ = [
@@ -31,7 +33,10 @@ class StreamAssembler(Protocol):
 
     @property
     def finished(self) -> bool:
-        """True once the stream said it was complete (every choice has a finish reason)."""
+        """True once the stream said it was complete (every choice has a finish reason, a terminal event)."""
+
+    # An assembler may also have an `error` property: the upstream's own error reported inside a 200
+    # stream (an Anthropic or Responses `error` event, `response.failed`), recorded as the call's error.
 
     def result(self) -> dict[str, Any]:
         """The response body reassembled so far; may be called more than once."""
@@ -351,6 +356,8 @@ class SnapshotAssembler:
 ASSEMBLERS: dict[Api, Callable[[], StreamAssembler]] = {
     Api.CHAT: ChatStreamAssembler,
     Api.COMPLETION: CompletionStreamAssembler,
+    Api.RESPONSES: ResponsesStreamAssembler,
+    Api.ANTHROPIC_MESSAGES: AnthropicStreamAssembler,
 }
 
 
