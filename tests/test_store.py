@@ -424,20 +424,37 @@ def test_two_stores_never_claim_the_same_record(tmp_path: Path) -> None:
         b.close()
 
 
-def test_an_expired_lease_makes_the_record_due_again_after_a_crash(tmp_path: Path) -> None:
+def test_a_dead_stores_leases_are_released_when_a_store_opens(tmp_path: Path) -> None:
     crashed = Store(tmp_path, has_default_key=True)
     crashed.submit("r", lambda: log_payload())
     assert crashed.sync()
     assert [c.log_id for c in crashed.claim_due(1, lease_seconds=30)] == ["r"]
-    crashed.close()  # never marked: as if the process had died mid-send
+    crashed.close()  # never marked: as if the process had died mid-send (its owner lock is gone)
 
     restarted = Store(tmp_path, has_default_key=True)
     try:
         assert restarted.get("r").state == "pending"  # type: ignore[union-attr]
-        assert restarted.claim_due(1) == []  # still leased
-        assert [c.log_id for c in restarted.claim_due(1, time.time() + 31)] == ["r"]
+        assert [c.log_id for c in restarted.claim_due(1)] == ["r"]  # at once, not after 30 s
+        assert [p.name for p in (tmp_path / "owners").iterdir()] == [restarted._owner]
     finally:
         restarted.close()
+    assert list((tmp_path / "owners").iterdir()) == []
+
+
+def test_an_expired_lease_of_a_live_store_makes_the_record_due_again(tmp_path: Path) -> None:
+    stuck = Store(tmp_path, has_default_key=True)  # alive, but never ends its lease
+    other = Store(tmp_path, has_default_key=True)
+    try:
+        stuck.submit("r", lambda: log_payload())
+        assert stuck.sync()
+        assert [c.log_id for c in stuck.claim_due(1, lease_seconds=30)] == ["r"]
+        late = Store(tmp_path, has_default_key=True)  # opening does not take a live store's leases
+        late.close()
+        assert other.claim_due(1) == []  # still leased
+        assert [c.log_id for c in other.claim_due(1, time.time() + 31)] == ["r"]
+    finally:
+        stuck.close()
+        other.close()
 
 
 def test_release_ends_only_own_leases(tmp_path: Path) -> None:

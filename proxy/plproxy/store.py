@@ -32,7 +32,11 @@ is exported; they fail with their record.
 Leases. `claim_due` marks what it returns with a lease (`lease_until`, `lease_owner`) in one
 `UPDATE … RETURNING`, so two processes on the same file never hold the same record at once. A lease
 that is not ended by `mark_*`, `retry_later` or `release` (the process died) simply expires, and the
-record is due again: records pending before a crash are exported after the restart.
+record is due again: records pending before a crash are exported after the restart. A restart does not
+wait for that: every open store holds an flock on `<data dir>/owners/<owner>`, which the kernel drops
+when its process dies however it dies, and a store that opens releases at once the leases of owners whose
+file it can lock (or that have none). flock works across processes, containers and PID namespaces on one
+host, and SQLite's WAL mode already requires every process sharing the file to be on one host.
 
 Size cap (`max_bytes`, 1024 MiB by default), measured as the pages in use (free pages are reused):
 
@@ -57,6 +61,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -71,9 +76,15 @@ import orjson
 
 from plproxy.metrics import Metrics
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: the leases of a dead process simply expire
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 DB_FILENAME: Final = "plproxy.db"
+OWNERS_DIRNAME: Final = "owners"  # one locked file per open store: proof that its leases are alive
 SCHEMA_VERSION: Final = 1
 STATES: Final = ("pending", "kept", "exported", "failed")
 FOLLOWUP_KINDS: Final = frozenset({"score", "metadata", "prompt", "group"})
@@ -321,6 +332,8 @@ class Store:
         except BaseException:
             self._ops.close()
             raise
+        self._owner_lock = _OwnerLock.take(Path(data_dir) / OWNERS_DIRNAME, self._owner)
+        self._reclaim_dead_leases()
         self._writable = True
         self._set_writable(True)
         self._writer = threading.Thread(target=self._writer_main, name="plproxy-store-writer", daemon=True)
@@ -473,6 +486,8 @@ class Store:
         with self._ops_lock:
             self._ops_closed = True
             self._ops.close()
+        if self._owner_lock is not None:
+            self._owner_lock.release()
 
     # ---- the writer thread -----------------------------------------------------------------------
 
@@ -810,6 +825,35 @@ class Store:
             with _transaction(self._ops):
                 yield self._ops
 
+    def _reclaim_dead_leases(self) -> None:
+        """Release the leases of stores whose process is gone, and forget their owner files."""
+        if self._owner_lock is None:
+            return  # without a lock of our own, another store could not tell that we are alive either
+        owners_dir = self._owner_lock.path.parent
+        now = time.time()
+        try:
+            with self._ops_lock:
+                rows = self._ops.execute(
+                    "SELECT lease_owner FROM records WHERE lease_until > ? AND lease_owner IS NOT NULL UNION"
+                    " SELECT lease_owner FROM followups WHERE lease_until > ? AND lease_owner IS NOT NULL",
+                    (now, now),
+                ).fetchall()
+            dead = [r[0] for r in rows if r[0] != self._owner and not _owner_alive(owners_dir, r[0])]
+            if dead:
+                with self._ops_txn() as conn:
+                    for table in ("records", "followups"):
+                        conn.executemany(
+                            f"UPDATE {table} SET lease_until = 0, lease_owner = NULL"  # noqa: S608
+                            " WHERE lease_owner = ?",
+                            [(owner,) for owner in dead],
+                        )
+                log.info("store_released_dead_leases", extra={"fields": {"owners": len(dead)}})
+            for path in owners_dir.iterdir():  # files of owners that died without leases
+                if _OWNER_NAME.fullmatch(path.name) and path.name != self._owner:
+                    _owner_alive(owners_dir, path.name)
+        except (sqlite3.Error, OSError) as exc:  # leases then expire as they would have
+            log.warning("store_reclaim_failed", extra={"fields": {"error": exc}})
+
     def claim_due(
         self,
         limit: int,
@@ -1041,6 +1085,69 @@ class Store:
                 "SELECT kind, state, error FROM followups WHERE log_id = ? ORDER BY id", (log_id,)
             ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+_OWNER_NAME = re.compile(r"[0-9a-f]{32}")
+
+
+class _OwnerLock:
+    """An open store's proof of life: an exclusive flock on `<owners dir>/<owner>`, held until `release()`."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, directory: Path, owner: str) -> _OwnerLock | None:
+        if fcntl is None:
+            return None
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            # Locked under a temporary name, then renamed: an owner file is never seen unlocked while
+            # its store is open, so one that can be locked belongs to a dead process.
+            temporary = directory / f".{owner}.tmp"
+            fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.replace(temporary, directory / owner)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
+                raise
+        except OSError as exc:
+            log.warning("store_owner_lock_failed", extra={"fields": {"error": exc}})
+            return None
+        return cls(directory / owner, fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(fd)  # drops the lock
+
+
+def _owner_alive(directory: Path, owner: str) -> bool:
+    """True while the store `owner` holds its lock; the file of a dead owner is removed."""
+    if fcntl is None or not _OWNER_NAME.fullmatch(owner):
+        return True  # cannot tell: its leases expire as they would have
+    path = directory / owner
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
+    finally:
+        os.close(fd)
 
 
 def _enable_wal(conn: sqlite3.Connection) -> str:
