@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from plproxy import control_api
+from plproxy import control_api, records_api
 from plproxy.app_keys import EXPORTER, FORWARDER, METRICS, SESSION, SETTINGS, STATE, STORE, ServerState
 from plproxy.capture import Capture
 from plproxy.errors import NotFound, PayloadTooLarge, PlproxyError, error_response
@@ -119,6 +119,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     control_api.add_routes(app.router)
+    records_api.add_routes(app.router)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
 
