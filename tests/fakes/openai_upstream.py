@@ -10,6 +10,22 @@ The requested model picks the scenario:
     fake-hang                never answers (sleeps an hour)
     fake-cut                 streamed: two content chunks, then the connection is aborted without [DONE];
                              not streamed: half the body, then the connection is aborted
+    fake-rejects-stream-options  chat: 400 when the body has `stream_options` (as some local servers do)
+    fake-reasoning           responses: a reasoning item with a two-part summary before the message
+    fake-incomplete          responses: stops after two words, status "incomplete" (max_output_tokens)
+    fake-failed              responses: streamed, one delta then `response.failed`; not streamed, a 500
+
+`POST /v1/responses` is the Responses API: the same scenarios by model (fake-tools gives function_call
+items), streamed as its typed events (`event:` lines, `sequence_number`, no [DONE]) ending in
+`response.completed`.
+
+Azure OpenAI: under `/openai/`, `deployments/{deployment}/chat/completions` (and `completions`,
+`embeddings`) and `responses` answer like the OpenAI paths when the query has `api-version` (else 404)
+and an `api-key` or `Authorization` header arrived (else 401), both in Azure's error shape. The
+deployment picks the scenario; the answer names the model `AZURE_MODEL` (no model at all for the
+deployment `fake-no-model`), and chat answers carry Azure's content-filter results (a stream opens with
+Azure's filter-only chunk: empty id and model, no choices). `FakeOpenAI.azure_endpoint` is what
+`AZURE_OPENAI_ENDPOINT` would hold.
 
 Ids are derived from a hash of the request body, canonicalised (keys sorted, `stream` and
 `stream_options` left out), and `created` is fixed, so a direct call and the same call through a proxy
@@ -54,6 +70,9 @@ __all__ = [
 ]
 
 CREATED = 1_700_000_000
+AZURE_MODEL = "gpt-4o-2024-11-20"
+REASONING_SUMMARY = ("**Reading the request**\n\nThe user wants a greeting.",
+                     "**Answering**\n\nKeep it short.")
 SYSTEM_FINGERPRINT = "fp_fake"
 EMBEDDING_DIMENSIONS = 8
 HANG_SECONDS = 3600.0
@@ -254,13 +273,15 @@ async def _scenario_gate(request: web.Request, model: str) -> None:
         raise _OpenAIError(int(m.group(1)), message, type_, param, code)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request, deployment: str | None = None) -> dict[str, Any]:
     try:
         body = json.loads(await request.read())
     except ValueError:
         raise _bad_request("We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict):
         raise _bad_request("The request body must be a JSON object.")
+    if deployment is not None:
+        body = {**body, "model": deployment}  # Azure: the deployment is the model, whatever the body says
     if not isinstance(body.get("model"), str):
         raise _bad_request("you must provide a model parameter", "model")
     return body
@@ -284,8 +305,27 @@ def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse
     return resp
 
 
+def _answer_model(base: dict[str, Any], deployment: str | None) -> dict[str, Any]:
+    """`base` with the model an Azure deployment answers with (none for `fake-no-model`)."""
+    if deployment is None:
+        return base
+    if deployment == "fake-no-model":
+        return {k: v for k, v in base.items() if k != "model"}
+    return {**base, "model": AZURE_MODEL}
+
+
+_FILTER_RESULTS = {
+    name: {"filtered": False, "severity": "safe"} for name in ("hate", "self_harm", "sexual", "violence")
+}
+
+
 async def _send_stream(
-    request: web.Request, model: str, events: Iterator[bytes], *, cut_after: int | None = None
+    request: web.Request,
+    model: str,
+    events: Iterator[bytes],
+    *,
+    cut_after: int | None = None,
+    done: bool = True,
 ) -> web.StreamResponse:
     state = request.app[STATE]
     result = StreamResult(path=request.path, model=model)
@@ -293,7 +333,7 @@ async def _send_stream(
         state.streams.append(result)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    for event in [*events, b"data: [DONE]\n\n"]:
+    for event in [*events, *([b"data: [DONE]\n\n"] if done else [])]:
         if result.events_sent and state.chunk_delay:
             await asyncio.sleep(state.chunk_delay)
         if cut_after is not None and result.events_sent == cut_after:
@@ -321,12 +361,14 @@ def _include_usage(body: dict[str, Any]) -> bool:
 # --- /v1/chat -------------------------------------------------------------------------------------
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+async def chat_completions(request: web.Request, deployment: str | None = None) -> web.StreamResponse:
+    body = await _json_body(request, deployment)
     model = body["model"]
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad_request("Invalid value for 'messages': expected a non-empty array.", "messages")
+    if model == "fake-rejects-stream-options" and "stream_options" in body:
+        raise _bad_request("Unrecognized request argument supplied: stream_options", "stream_options")
     await _scenario_gate(request, model)
     digest = _digest(body)
     n = _positive_int(body, "n", 1)
@@ -340,6 +382,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     prompt_tokens = sum(_words(_text_of(m.get("content"))) + 3 for m in messages if isinstance(m, dict))
     base = {"id": "chatcmpl-" + digest[:29], "object": "chat.completion", "created": CREATED, "model": model}
+    base = _answer_model(base, deployment)
     tools = _tool_calls(body, digest) if model == "fake-tools" else None
     refusal = _pieces(REFUSAL_TEXT) if model == "fake-refusal" else None
     pieces = [_answer_pieces(model, user_text, i) for i in range(n)]
@@ -360,7 +403,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             else:
                 message = {"role": "assistant", "content": "".join(pieces[i]), "refusal": None}
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+            if deployment is not None:
+                choices[-1]["content_filter_results"] = _FILTER_RESULTS
         answer = {**base, "choices": choices, "usage": usage, "system_fingerprint": SYSTEM_FINGERPRINT}
+        if deployment is not None:
+            answer["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": _FILTER_RESULTS}]
         return await _send_json(request, answer, cut=model == "fake-cut")
 
     with_usage = _include_usage(body)
@@ -381,6 +428,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return {"index": i, "delta": d, "logprobs": None, "finish_reason": finish_reason}
 
     def events() -> Iterator[bytes]:
+        if deployment is not None:  # Azure opens with the prompt's filter results, in a chunk of its own
+            opening: dict[str, Any] = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                                       "prompt_filter_results": [{"prompt_index": 0,
+                                                                  "content_filter_results": _FILTER_RESULTS}]}
+            if with_usage:
+                opening["usage"] = None
+            yield _sse(opening)
         if tools:
             frags = [_fragments(c["function"]["arguments"]) for c in tools]
             for i in range(n):
@@ -432,8 +486,8 @@ def _prompts(value: Any, name: str) -> list[str]:
     raise _bad_request(f"Invalid value for '{name}'.", name)
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+async def completions(request: web.Request, deployment: str | None = None) -> web.StreamResponse:
+    body = await _json_body(request, deployment)
     model = body["model"]
     prompts = _prompts(body.get("prompt"), "prompt")
     await _scenario_gate(request, model)
@@ -442,6 +496,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     texts = [_answer_pieces(model, p, j) for p in prompts for j in range(n)]
     usage = _usage(sum(_words(p) for p in prompts), sum(len(t) for t in texts))
     base = {"id": "cmpl-" + digest[:29], "object": "text_completion", "created": CREATED, "model": model}
+    base = _answer_model(base, deployment)
 
     if not body.get("stream"):
         choices = [
@@ -472,6 +527,184 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _send_stream(request, model, events(), cut_after=2 if model == "fake-cut" else None)
 
 
+# --- /v1/responses --------------------------------------------------------------------------------
+
+
+def _responses_user_text(items: Any) -> str:
+    if isinstance(items, str):
+        return items
+    if not isinstance(items, list):
+        raise _bad_request("Invalid value for 'input': expected a string or an array of items.", "input")
+    for item in reversed(items):
+        if isinstance(item, dict) and item.get("role") == "user":
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                parts = [p for p in content if isinstance(p, dict) and p.get("type") == "input_text"]
+                return " ".join(p.get("text", "") for p in parts)
+    return ""
+
+
+def _named_event(obj: dict[str, Any]) -> bytes:
+    return f"event: {obj['type']}\n".encode() + _sse(obj)
+
+
+def _response_object(
+    body: dict[str, Any], digest: str, status: str, output: list[dict[str, Any]], usage: Any, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": "resp_" + digest[:48],
+        "object": "response",
+        "created_at": CREATED,
+        "status": status,
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body["model"],
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "store": body.get("store", True),
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": body.get("metadata") or {},
+        **extra,
+    }
+
+
+def _response_items(body: dict[str, Any], model: str, digest: str) -> list[tuple[dict[str, Any], list[str]]]:
+    """The output items of the answer, each with the pieces it is streamed in."""
+    items: list[tuple[dict[str, Any], list[str]]] = []
+    if model == "fake-reasoning":
+        summary = [{"type": "summary_text", "text": text} for text in REASONING_SUMMARY]
+        item = {"id": "rs_" + digest[:48], "type": "reasoning", "summary": summary}
+        items.append((item, [p for text in REASONING_SUMMARY for p in _pieces(text)]))
+    if model == "fake-tools":
+        names = [t["name"] for t in body.get("tools") or [] if isinstance(t, dict) and "name" in t]
+        for i, (default_name, args) in enumerate(DEFAULT_TOOLS):
+            arguments = json.dumps(args)
+            item = {
+                "id": "fc_" + hashlib.sha256(f"{digest}:fc{i}".encode()).hexdigest()[:48],
+                "type": "function_call",
+                "status": "completed",
+                "arguments": arguments,
+                "call_id": "call_" + hashlib.sha256(f"{digest}:{i}".encode()).hexdigest()[:24],
+                "name": names[i % len(names)] if names else default_name,
+            }
+            items.append((item, _fragments(arguments)))
+        return items
+    pieces = _answer_pieces(model, _responses_user_text(body.get("input")), 0)
+    if model == "fake-incomplete":
+        pieces = pieces[:2]
+    text = "".join(pieces)
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    status = "incomplete" if model == "fake-incomplete" else "completed"
+    message = {"id": "msg_" + digest[:48], "type": "message", "status": status, "content": [part],
+               "role": "assistant"}
+    items.append((message, pieces))
+    return items
+
+
+def _item_events(index: int, item: dict[str, Any], pieces: list[str]) -> Iterator[dict[str, Any]]:
+    """The events that stream one output item, from `output_item.added` to `output_item.done`."""
+    ref = {"item_id": item["id"], "output_index": index}
+    kind = item["type"]
+    if kind == "message":
+        added = {**item, "status": "in_progress", "content": []}
+    elif kind == "function_call":
+        added = {**item, "status": "in_progress", "arguments": ""}
+    else:
+        added = {**item, "summary": []}
+    yield {"type": "response.output_item.added", "output_index": index, "item": added}
+    if kind == "message":
+        part = item["content"][0]
+        yield {"type": "response.content_part.added", **ref, "content_index": 0, "part": {**part, "text": ""}}
+        for piece in pieces:
+            yield {"type": "response.output_text.delta", **ref, "content_index": 0, "delta": piece,
+                   "logprobs": []}
+        yield {"type": "response.output_text.done", **ref, "content_index": 0, "text": part["text"],
+               "logprobs": []}
+        yield {"type": "response.content_part.done", **ref, "content_index": 0, "part": part}
+    elif kind == "function_call":
+        for piece in pieces:
+            yield {"type": "response.function_call_arguments.delta", **ref, "delta": piece}
+        yield {"type": "response.function_call_arguments.done", **ref, "arguments": item["arguments"]}
+    else:
+        for s, summary in enumerate(item["summary"]):
+            empty = {"type": "summary_text", "text": ""}
+            yield {"type": "response.reasoning_summary_part.added", **ref, "summary_index": s, "part": empty}
+            for piece in _pieces(summary["text"]):
+                yield {"type": "response.reasoning_summary_text.delta", **ref, "summary_index": s,
+                       "delta": piece}
+            yield {"type": "response.reasoning_summary_text.done", **ref, "summary_index": s,
+                   "text": summary["text"]}
+            yield {"type": "response.reasoning_summary_part.done", **ref, "summary_index": s, "part": summary}
+    yield {"type": "response.output_item.done", "output_index": index, "item": item}
+
+
+async def responses(request: web.Request, deployment: str | None = None) -> web.StreamResponse:
+    body = await _json_body(request, deployment)
+    model = body["model"]
+    if "input" not in body:
+        raise _bad_request("Missing required parameter: 'input'.", "input")
+    await _scenario_gate(request, model)
+    digest = _digest(body)
+    if model == "fake-failed" and not body.get("stream"):
+        raise _OpenAIError(500, ERRORS[500][0], "server_error", None, None)
+    items = _response_items(body, model, digest)
+    output = [item for item, _ in items]
+    instructions = body.get("instructions")
+    input_words = _words(_responses_user_text(body.get("input"))) + _words(str(instructions or ""))
+    reasoning_tokens = sum(len(p) for item, p in items if item["type"] == "reasoning")
+    output_tokens = sum(len(p) for _, p in items)
+    usage = {
+        "input_tokens": input_words + 3,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "total_tokens": input_words + 3 + output_tokens,
+    }
+    status, extra = "completed", {}
+    if model == "fake-incomplete":
+        status, extra = "incomplete", {"incomplete_details": {"reason": "max_output_tokens"}}
+    final = _answer_model(_response_object(body, digest, status, output, usage, **extra), deployment)
+    if not body.get("stream"):
+        return await _send_json(request, final, cut=model == "fake-cut")
+
+    def events() -> Iterator[bytes]:
+        start = _answer_model(_response_object(body, digest, "in_progress", [], None), deployment)
+        sequence = [{"type": "response.created", "response": start},
+                    {"type": "response.in_progress", "response": start}]
+        if model == "fake-failed":
+            item, pieces = items[0]
+            sequence.extend(list(_item_events(0, item, pieces))[:3])
+            error = {"code": "server_error", "message": "The model failed to generate a response."}
+            failed = {**start, "status": "failed", "error": error}
+            sequence.append({"type": "response.failed", "response": failed})
+        else:
+            for index, (item, pieces) in enumerate(items):
+                sequence.extend(_item_events(index, item, pieces))
+            terminal = "response.incomplete" if status == "incomplete" else "response.completed"
+            sequence.append({"type": terminal, "response": final})
+        for number, event in enumerate(sequence):
+            yield _named_event({"type": event["type"], "sequence_number": number,
+                                **{k: v for k, v in event.items() if k != "type"}})
+
+    return await _send_stream(
+        request, model, events(), cut_after=5 if model == "fake-cut" else None, done=False
+    )
+
+
 # --- others ---------------------------------------------------------------------------------------
 
 
@@ -481,8 +714,8 @@ def embedding_vector(model: str, text: str, dimensions: int = EMBEDDING_DIMENSIO
     return [(b - 128) / 128 for b in raw]
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+async def embeddings(request: web.Request, deployment: str | None = None) -> web.StreamResponse:
+    body = await _json_body(request, deployment)
     model = body["model"]
     inputs = _prompts(body.get("input"), "input")
     await _scenario_gate(request, model)
@@ -499,12 +732,12 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vector})
     tokens = sum(max(1, _words(t)) for t in inputs)
-    answer = {
+    answer = _answer_model({
         "object": "list",
         "data": data,
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    }, deployment)
     return web.json_response(answer, dumps=_dumps)
 
 
@@ -547,10 +780,41 @@ async def echo(request: web.Request) -> web.StreamResponse:
     )
 
 
+# --- Azure OpenAI ---------------------------------------------------------------------------------
+
+_AZURE_DEPLOYMENT_PATH = re.compile(r"/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)")
+_AZURE_HANDLERS = {"chat/completions": chat_completions, "completions": completions, "embeddings": embeddings}
+
+
+def _azure_error(status: int, message: str) -> web.Response:
+    body = {"error": {"code": str(status), "message": message}}
+    return web.json_response(body, status=status, dumps=_dumps)
+
+
+async def azure(request: web.Request) -> web.StreamResponse:
+    path = request.rel_url.raw_path
+    if "api-version" not in request.query and not path.startswith("/openai/v1/"):
+        return _azure_error(404, "Resource not found")
+    if "api-key" not in request.headers and "Authorization" not in request.headers:
+        return _azure_error(
+            401,
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a "
+            "valid key for an active subscription and use a correct regional API endpoint for your resource.",
+        )
+    match = _AZURE_DEPLOYMENT_PATH.fullmatch(path)
+    if match is not None and request.method == "POST":
+        return await _AZURE_HANDLERS[match.group(2)](request, match.group(1))
+    if request.method == "POST" and path in ("/openai/responses", "/openai/v1/responses"):
+        body = await _json_body(request)
+        return await responses(request, body["model"])
+    return _azure_error(404, "Resource not found")
+
+
 ROUTES = {
     ("POST", "/v1/chat/completions"): chat_completions,
     ("POST", "/v1/completions"): completions,
     ("POST", "/v1/embeddings"): embeddings,
+    ("POST", "/v1/responses"): responses,
     ("GET", "/v1/models"): list_models,
     ("GET", "/v1/gzip"): gzip_body,
 }
@@ -579,6 +843,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return await handler(request)
         if request.method == "GET" and raw_path.startswith("/v1/models/") and raw_path.count("/") == 3:
             return await get_model(request, request.path.removeprefix("/v1/models/"))
+        if raw_path.startswith("/openai/"):
+            return await azure(request)
         if raw_path.startswith("/v1/"):
             return await echo(request)
         raise _OpenAIError(
@@ -616,6 +882,11 @@ class FakeOpenAI:
     def base_url(self) -> str:
         """`http://127.0.0.1:PORT/v1`, what OPENAI_BASE_URL (or plproxy's upstream) should hold."""
         return f"{self.origin}/v1"
+
+    @property
+    def azure_endpoint(self) -> str:
+        """What AZURE_OPENAI_ENDPOINT would hold: the resource, below which Azure serves `/openai/…`."""
+        return self.origin
 
     @property
     def origin(self) -> str:
