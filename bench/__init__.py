@@ -1,0 +1,1 @@
+"""Benchmarks: plproxy against a direct connection, a bare aiohttp relay and peers (docs/benchmarks.md)."""
