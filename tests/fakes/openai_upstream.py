@@ -10,6 +10,10 @@ The requested model picks the scenario:
     fake-hang                never answers (sleeps an hour)
     fake-cut                 streamed: two content chunks, then the connection is aborted without [DONE];
                              not streamed: half the body, then the connection is aborted
+    fake-junk-sse            streamed: `JUNK_SSE`, valid chunks around malformed events (not JSON, not
+                             UTF-8, wrong types, odd fields); not streamed: a 200 whose JSON is cut short
+    fake-large-N             an answer of N MiB of content, written in pieces (a pause each 4 MiB):
+                             one JSON body, or 64 KiB content chunks when streamed; never held whole
     fake-rejects-stream-options  chat: 400 when the body has `stream_options` (as some local servers do)
     fake-reasoning           responses: a reasoning item with a two-part summary before the message
     fake-incomplete          responses: stops after two words, status "incomplete" (max_output_tokens)
@@ -62,6 +66,8 @@ __all__ = [
     "CREATED",
     "GZIP_BODY",
     "GZIP_JSON",
+    "JUNK_JSON",
+    "JUNK_SSE",
     "MODELS",
     "FakeOpenAI",
     "ReceivedRequest",
@@ -353,6 +359,80 @@ async def _send_stream(
     return resp
 
 
+# A stream an upstream should never send, framed by valid chunks: the text is "ok still here".
+JUNK_SSE = (
+    b'data: {"id":"chatcmpl-junk","object":"chat.completion.chunk","created":1700000000,'
+    b'"model":"fake-junk-sse","choices":[{"index":0,"delta":{"role":"assistant","content":"ok"},'
+    b'"finish_reason":null}]}\n\n',
+    b"data: {not json\n\n",
+    b"data: [1, 2, 3]\n\n",
+    b'data: "just a string"\n\n',
+    b'event: error\ndata: {"choices": 7}\n\n',
+    b"data: \xff\xfe\xfd not utf-8\n\n",
+    b": a comment only\n\n",
+    b'data: {"choices":[{"index":"zero","delta":{"content":5}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":null,"tool_calls":"nope"}}]}\n\n',
+    b"id: \x00weird\nretry: soon\ndata: {}\n\n",
+    b"a line without a colon\n\n",
+    b'data: {"choices":[{"index":0,"delta":{"content":" still here"}}]}\r\n\r\n',
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+)
+JUNK_JSON = b'{"id": "chatcmpl-junk", "object": "chat.completion", "choices": [{"index": 0, "message": {"con'
+_LARGE_PIECE = 256 * 1024
+_LARGE_PAUSE_EVERY = 4 * 1024 * 1024
+
+
+async def _junk(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    if not body.get("stream"):
+        return web.Response(body=JUNK_JSON, content_type="application/json")
+    return await _send_stream(request, "fake-junk-sse", iter(JUNK_SSE))
+
+
+def _large_mb(model: str) -> int | None:
+    if not model.startswith("fake-large-"):
+        return None
+    try:
+        n = int(model.removeprefix("fake-large-"))
+    except ValueError:
+        raise _bad_request(f"bad size in model {model!r}", "model") from None
+    if not 1 <= n <= 4096:
+        raise _bad_request(f"bad size in model {model!r}", "model")
+    return n
+
+
+async def _large(request: web.Request, model: str, mebibytes: int, stream: bool) -> web.StreamResponse:
+    """N MiB of content, written piece by piece: the fake never holds the answer whole either."""
+    total = mebibytes * 1024 * 1024
+    base = {"id": "chatcmpl-large", "created": CREATED, "model": model, "object": "chat.completion.chunk"}
+    if stream:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        piece = 64 * 1024
+        content = {"index": 0, "delta": {"content": "x" * piece}, "finish_reason": None}
+        event = _sse({**base, "choices": [content]})
+        finish = {"index": 0, "delta": {}, "finish_reason": "stop"}
+        tail = [_sse({**base, "choices": [finish]}), b"data: [DONE]\n\n"]
+    else:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        piece = _LARGE_PIECE
+        head = _dumps({**base, "object": "chat.completion"})[:-1].encode()
+        head += b',"choices":[{"index":0,"message":{"role":"assistant","content":"'
+        event = b"x" * piece
+        tail = [b'"},"finish_reason":"stop"}]}']
+    await resp.prepare(request)
+    if not stream:
+        await resp.write(head)
+    sent = 0
+    while sent < total:
+        await resp.write(event)
+        sent += piece
+        if sent % _LARGE_PAUSE_EVERY < piece:
+            await asyncio.sleep(request.app[STATE].chunk_delay or 0.002)
+    for part in tail:
+        await resp.write(part)
+    await resp.write_eof()
+    return resp
+
+
 def _include_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and bool(opts.get("include_usage"))
@@ -370,6 +450,11 @@ async def chat_completions(request: web.Request, deployment: str | None = None) 
     if model == "fake-rejects-stream-options" and "stream_options" in body:
         raise _bad_request("Unrecognized request argument supplied: stream_options", "stream_options")
     await _scenario_gate(request, model)
+    if model == "fake-junk-sse":
+        return await _junk(request, body)
+    large = _large_mb(model)
+    if large is not None:
+        return await _large(request, model, large, bool(body.get("stream")))
     digest = _digest(body)
     n = _positive_int(body, "n", 1)
     user_text = next(
