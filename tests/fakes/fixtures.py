@@ -1,4 +1,4 @@
-"""Fixtures every test can use: a fake OpenAI upstream and a PromptLayer stand-in, both on loopback.
+"""Fixtures every test can use: fake OpenAI and Anthropic upstreams and a PromptLayer stand-in, on loopback.
 
 Registered for the whole suite by the root conftest (`pytest_plugins = ["tests.fakes.fixtures"]`).
 """
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.promptlayer import PromptLayerStandIn, load_spec, validate_followup, validate_log_request
 
@@ -20,6 +21,17 @@ from tests.fakes.promptlayer import PromptLayerStandIn, load_spec, validate_foll
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     """A started FakeOpenAI; `fake_openai.base_url` is what OPENAI_BASE_URL or plproxy's upstream holds."""
     server = FakeOpenAI()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest_asyncio.fixture
+async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
+    """A started FakeAnthropic; `fake_anthropic.base_url` is what ANTHROPIC_BASE_URL (or a route) holds."""
+    server = FakeAnthropic()
     await server.start()
     try:
         yield server
