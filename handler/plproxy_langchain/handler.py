@@ -103,6 +103,22 @@ def _payload(run: RunInfo, run_id: uuid.UUID, index: int, end_time: float, resul
     return build_payload(record)
 
 
+class _OneShot:
+    """Builds the body once, then lets go of the run and its result: whoever still holds the callable
+    afterwards (a store's writer keeps its last batch until the next one) holds a few bytes, not a run."""
+
+    __slots__ = ("_build",)
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        self._build: Callable[[], dict[str, Any]] | None = build
+
+    def __call__(self) -> dict[str, Any]:
+        build, self._build = self._build, None
+        if build is None:
+            raise RuntimeError("this record's body was already built")
+        return build()
+
+
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -247,8 +263,8 @@ class PromptLayerCallbackHandler(BaseCallbackHandler):
         if sink is None:  # the interpreter is exiting
             return
         for index in range(max(1, len(run.inputs))):
-            build = partial(_payload, run, run_id, index, end_time, result, error, tuple(self.pl_tags),
-                            self.metadata)
+            build = _OneShot(partial(_payload, run, run_id, index, end_time, result, error,
+                                     tuple(self.pl_tags), self.metadata))
             sink.submit(Outgoing(log_id_for(run_id, index), build, self.pl_id_callback))
 
     def _own_failure(self, where: str) -> None:
