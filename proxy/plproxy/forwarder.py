@@ -337,9 +337,11 @@ class _Call:
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
             self._fail(Outcome.PARTIAL, "the upstream went silent for longer than the read timeout")
             upstream.close()
+            self._cut_client()
         except aiohttp.ClientPayloadError:
             self._fail(Outcome.PARTIAL, "the upstream cut the response before its end")
             upstream.close()
+            self._cut_client()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self._fail(Outcome.PARTIAL, "the client left before the response ended")
             upstream.close()
@@ -386,6 +388,14 @@ class _Call:
             if client_view is not None:
                 out.append(encode_event(orjson.dumps(client_view), event.event))
         return b"".join(out)
+
+    def _cut_client(self) -> None:
+        """End the client's answer the way the upstream ended ours: cut. Ending it cleanly would send the
+        last chunk of a chunked body (or keep the connection) and turn half an answer into what looks
+        like a whole one. Closing, not aborting, still delivers what was already written."""
+        self.request.protocol.force_close()
+        if self.request.transport is not None:
+            self.request.transport.close()
 
     def _fail(self, outcome: Outcome, message: str) -> None:
         if self.capture is not None and self.capture.outcome is None:
