@@ -657,3 +657,18 @@ async def test_shutdown_stops_the_background_thread(env: Path, promptlayer: Prom
     FakeListLLM(responses=["r"]).invoke("p", config={"callbacks": [handler]})
     assert await asyncio.to_thread(plproxy_langchain.shutdown, 10)
     assert len(promptlayer.log_requests) == 1
+
+
+async def test_a_sidecar_with_a_token_and_a_large_image_prompt(
+    env: Path, promptlayer: PromptLayerStandIn, start_proxy: Any
+) -> None:
+    token = "sidecar-token-0123456789"
+    proxy = await start_proxy(PLPROXY_AUTH_TOKENS=token)
+    handler = PromptLayerCallbackHandler(pl_tags=TAGS, proxy_url=proxy.url.replace("://", f"://{token}@"))
+    image = "data:image/png;base64," + "A" * 1_500_000  # over aiohttp's 1 MiB "large body" mark
+    prompt = HumanMessage(content=[{"type": "text", "text": "describe"},
+                                   {"type": "image_url", "image_url": {"url": image}}])
+    await chat_model("a picture").ainvoke([prompt], config={"callbacks": [handler]})
+    assert await handler.aflush(15)
+    [record] = await promptlayer.wait_for_log_requests(1, timeout=10)
+    assert record["input"]["messages"][0]["content"][1]["image_url"]["url"] == image

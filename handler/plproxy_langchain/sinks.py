@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -429,7 +430,9 @@ class SidecarSink(_SinkBase):
             body = send.body or {}
             url = f"{self.spec.url}/plproxy/logs/{send.log_id}/{send.kind}"
         try:
-            async with self._session.post(url, data=orjson.dumps(body), headers=self._headers()) as resp:
+            # BytesIO: aiohttp writes a large bytes body in one go on the loop (image prompts), and says so
+            data = io.BytesIO(orjson.dumps(body))
+            async with self._session.post(url, data=data, headers=self._headers()) as resp:
                 status = resp.status
                 text = (await resp.read())[:300].decode("utf-8", "replace")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
