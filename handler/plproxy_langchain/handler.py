@@ -24,8 +24,10 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from plproxy.settings import default_data_dir
 from plproxy_langchain.convert import RunInfo, build_payload, log_id_for, plain_json, to_record
-from plproxy_langchain.runtime import REGISTRY, warn_once
-from plproxy_langchain.sinks import Outgoing, SidecarSpec, StoreSpec, make_sink, workspace_dir
+from plproxy_langchain.runtime import REGISTRY, Runtime, Sink, warn_once
+from plproxy_langchain.sidecar_sink import SidecarSink
+from plproxy_langchain.sinks import Outgoing, SidecarSpec, StoreSpec, workspace_dir
+from plproxy_langchain.store_sink import StoreSink
 
 __all__ = ["PromptLayerCallbackHandler"]
 
@@ -83,6 +85,11 @@ def resolve_destination(
     if (key, base) != (env_key, env_base):
         data_dir = workspace_dir(data_dir, key, base)
     return StoreSpec(data_dir, key, base)
+
+
+def _open_sink(runtime: Runtime, spec: StoreSpec | SidecarSpec) -> Sink:
+    """The registry's factory: a sink for a destination, opened later on the background loop."""
+    return SidecarSink(runtime, spec) if isinstance(spec, SidecarSpec) else StoreSink(runtime, spec)
 
 
 def _class_name(serialized: Any, kwargs: Mapping[str, Any]) -> str:
@@ -259,7 +266,7 @@ class PromptLayerCallbackHandler(BaseCallbackHandler):
 
     def _finish(self, run: RunInfo, run_id: uuid.UUID, result: Any, error: BaseException | None) -> None:
         end_time = time.time()
-        sink = REGISTRY.sink(self._destination, make_sink)
+        sink = REGISTRY.sink(self._destination, _open_sink)
         if sink is None:  # the interpreter is exiting
             return
         for index in range(max(1, len(run.inputs))):
@@ -340,10 +347,10 @@ class PromptLayerCallbackHandler(BaseCallbackHandler):
 
     def _track(self, ref: int | str | uuid.UUID, kind: str, body: dict[str, Any]) -> bool:
         """Queue a follow-up; False (and one warning) when `ref` names no record this process knows."""
-        sink = REGISTRY.sink(self._destination, make_sink)
+        sink = REGISTRY.sink(self._destination, _open_sink)
         if sink is None:
             return False
-        log_id = _log_id(ref, sink.log_id_for)
+        log_id = _log_id(ref, sink.log_id_of_request)
         if log_id is None:
             warn_once("track_unknown_id", "track_* was given an id this process has not recorded; use the "
                       "id pl_id_callback received, or a log id / LangChain run id", kind=kind)
