@@ -8,6 +8,7 @@ loop and after the client has its answer.
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,11 @@ from plproxy.mapping import to_log_request
 from plproxy.reassembly import assembler_for
 from plproxy.record import Annotations, LogRecord, Outcome
 
-# A response body larger than this is relayed in full but recorded only as its size.
+# An answer larger than this is relayed in full but recorded in part: a stream's first events and its
+# last few (they carry its end and its usage), or nothing of a JSON body (cut short, it would not parse).
+# The record says so in `metadata.plproxy_response_truncated`. It bounds what a call holds in memory.
 MAX_RECORDED_BODY_BYTES = 16 * 1024 * 1024
+_TAIL_EVENTS = 8
 
 
 @dataclass(slots=True, kw_only=True)
@@ -37,6 +41,8 @@ class Capture:
     body_size: int = 0
     # stream events: JSON text (from a pass-through relay) or already-parsed dicts (from a rewriting one)
     events: list[str | dict[str, Any]] = field(default_factory=list)
+    events_size: int = 0
+    tail: deque[str | dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_TAIL_EVENTS))
     stream_done: bool = False  # saw [DONE] or the API's own terminal event
     outcome: Outcome | None = None  # set when the forwarder knows better than the body (cut, timeout, …)
     error_message: str | None = None
@@ -46,6 +52,16 @@ class Capture:
         self.body_size += len(chunk)
         if self.body_size <= MAX_RECORDED_BODY_BYTES:
             self.body_chunks.append(chunk)
+        elif self.body_chunks:
+            self.body_chunks.clear()  # too large to record: hold none of it for the rest of the relay
+
+    def add_event(self, event: str | dict[str, Any], size: int) -> None:
+        """Keep a stream event (`size`: its bytes on the wire); past the cap only the last few are kept."""
+        self.events_size += size
+        if self.events_size <= MAX_RECORDED_BODY_BYTES:
+            self.events.append(event)
+        else:
+            self.tail.append(event)
 
     def build_payload(self) -> dict[str, Any]:
         return to_log_request(self.to_record())
@@ -55,9 +71,22 @@ class Capture:
         response: dict[str, Any] | None
         outcome = self.outcome
         error_message = self.error_message
+        metadata = self.extra_metadata
+        if self.body_size > MAX_RECORDED_BODY_BYTES:
+            metadata = {
+                **metadata,
+                "plproxy_response_truncated": f"the answer was {self.body_size} bytes, more than the "
+                f"{MAX_RECORDED_BODY_BYTES} recorded: its body is not in this record",
+            }
+        elif self.events_size > MAX_RECORDED_BODY_BYTES:
+            metadata = {
+                **metadata,
+                "plproxy_response_truncated": f"the stream was {self.events_size} bytes of events, more "
+                f"than the {MAX_RECORDED_BODY_BYTES} recorded: this record has its first events and its last",
+            }
         if self.is_stream and self.status_code is not None and self.status_code < 400:
             assembler = assembler_for(self.kind.api)
-            for event in self.events:
+            for event in [*self.events, *self.tail]:
                 if isinstance(event, str):
                     try:
                         event = orjson.loads(event)
@@ -98,7 +127,7 @@ class Capture:
             stream=self.is_stream,
             model_hint=self.kind.model_hint,
             annotations=self.annotations,
-            extra_metadata=self.extra_metadata,
+            extra_metadata=metadata,
         )
 
     def _body_json(self) -> dict[str, Any] | None:
@@ -139,7 +168,7 @@ def _upstream_message(response: dict[str, Any] | None, status: int | None) -> st
     if response:
         error = response.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+            return str(error["message"])
         if isinstance(error, str):
             return error
         if isinstance(response.get("message"), str):

@@ -362,7 +362,7 @@ class _Call:
             if data == "[DONE]":
                 capture.stream_done = True
             elif data:
-                capture.events.append(data)
+                capture.add_event(data, len(event.raw))
 
     def _rewrite_events(self, events: list[Any]) -> bytes:
         """Keep the injected usage for the record and strip it from what the client receives."""
@@ -383,9 +383,11 @@ class _Call:
             if not isinstance(parsed, dict):
                 out.append(event.raw)
                 continue
-            capture.events.append(parsed)
+            capture.add_event(data, len(event.raw))  # the text: parsed again off the loop, smaller
             client_view = injection.client_view(parsed)
-            if client_view is not None:
+            if client_view is parsed:
+                out.append(event.raw)  # nothing to strip: the bytes as the upstream sent them
+            elif client_view is not None:
                 out.append(encode_event(orjson.dumps(client_view), event.event))
         return b"".join(out)
 
