@@ -4,6 +4,7 @@
     ├── BadRequest               400  invalid_request_error
     ├── Unauthorized             401  authentication_error (proxy authentication, when enabled)
     ├── NotFound                 404  invalid_request_error
+    ├── MethodNotAllowed         405  invalid_request_error
     ├── PayloadTooLarge          413  invalid_request_error
     ├── UpstreamUnreachable      502  upstream_error
     └── UpstreamTimeout          504  upstream_error
@@ -47,6 +48,12 @@ class NotFound(PlproxyError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowed(PlproxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class PayloadTooLarge(PlproxyError):

@@ -13,6 +13,7 @@ import hmac
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from plproxy.errors import Unauthorized, error_response
 
@@ -37,9 +38,6 @@ def token_matches(presented: str, tokens: tuple[bytes, ...]) -> bool:
     for token in tokens:
         matched |= hmac.compare_digest(candidate, token)
     return matched
-
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def auth_middleware(tokens: tuple[str, ...]) -> Middleware:

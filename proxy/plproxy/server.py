@@ -15,13 +15,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from plproxy import control_api, records_api
 from plproxy.app_keys import EXPORTER, FORWARDER, METRICS, SESSION, SETTINGS, STATE, STORE, ServerState
 from plproxy.capture import Capture
-from plproxy.errors import NotFound, PayloadTooLarge, PlproxyError, error_response
+from plproxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, PlproxyError, error_response
 from plproxy.exporter import Exporter
 from plproxy.forwarder import Forwarder
 from plproxy.metrics import Metrics
@@ -33,7 +34,7 @@ from plproxy.store import CorruptStore, Store, move_aside
 log = logging.getLogger("plproxy.server")
 
 
-MULTIPROCESS_DIR = web.AppKey("multiprocess_dir", str | None)  # type: ignore[arg-type]
+MULTIPROCESS_DIR = web.AppKey("multiprocess_dir", str)  # "" unless run by --workers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,10 +52,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except web.HTTPNotFound:
         return error_response(NotFound("No such endpoint."))
-    except web.HTTPMethodNotAllowed as exc:
-        error = PlproxyError(f"Method {request.method} is not allowed here.", code="method_not_allowed")
-        error.status, error.type = exc.status, "invalid_request_error"
-        return error_response(error)
+    except web.HTTPMethodNotAllowed:
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed here."))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -84,7 +83,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     if multiprocess_dir:
         # every worker's files, added up: any worker answers for the whole server
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=multiprocess_dir)
+        MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
     else:
         registry = metrics.registry
     response = web.Response(body=generate_latest(registry))
@@ -105,12 +104,12 @@ def create_app(
     settings: Settings, *, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
 ) -> web.Application:
     """The proxy app; `multiprocess_dir` is prometheus_client's directory when run by `--workers`."""
-    middlewares = [error_middleware]
+    middlewares: list[Middleware] = [error_middleware]
     if settings.proxy_tokens:
         middlewares.append(auth_middleware(settings.proxy_tokens))
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
-    app[MULTIPROCESS_DIR] = multiprocess_dir
+    app[MULTIPROCESS_DIR] = multiprocess_dir or ""
     app[METRICS] = Metrics(registry)
     app[STATE] = ServerState()
     app.cleanup_ctx.append(_upstream_session)
@@ -200,7 +199,8 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     yield
     await asyncio.to_thread(store.sync)
     await exporter.stop()
-    if settings.promptlayer_api_key or await asyncio.to_thread(store.backlog):
+    backlog = await asyncio.to_thread(store.backlog)
+    if settings.promptlayer_api_key is not None or backlog > 0:
         report = await exporter.flush(settings.flush_timeout)
         log.info("flushed", extra={"fields": dataclasses.asdict(report)})
     await pl_session.close()

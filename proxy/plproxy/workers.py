@@ -88,7 +88,7 @@ def run_workers(settings: Settings, serve_args: Sequence[str]) -> int:
                 code = worker.process.poll()
                 if code is None:
                     continue
-                multiprocess.mark_process_dead(worker.process.pid, str(metrics_dir))
+                multiprocess.mark_process_dead(worker.process.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
                 never_started = code == 1 and time.monotonic() - worker.started < _CRASH_WINDOW_S
                 if (never_started and worker.quick_crashes == 0) or worker.quick_crashes >= _CRASH_LIMIT:
                     # it could not start (the port is taken, say) or keeps crashing: stop them all
