@@ -674,3 +674,16 @@ async def test_a_sidecar_with_a_token_and_a_large_image_prompt(
     assert await handler.aflush(15)
     [record] = await promptlayer.wait_for_log_requests(1, timeout=10)
     assert record["input"]["messages"][0]["content"][1]["image_url"]["url"] == image
+
+
+async def test_an_abandoned_stream_is_a_partial_record(env: Path, promptlayer: PromptLayerStandIn) -> None:
+    handler = PromptLayerCallbackHandler(pl_tags=TAGS)
+    stream = chat_model("one two three four five").stream("go", config={"callbacks": [handler]})
+    first = [next(stream).content, next(stream).content]
+    stream.close()  # the caller stops reading, as `break` does once the generator is collected
+    assert await handler.aflush(10)
+    [record] = promptlayer.log_requests
+    assert_valid([record])
+    assert (record["status"], record["error_type"]) == ("WARNING", "PROVIDER_PARTIAL_RESPONSE")
+    assert output_texts(record) == ["".join(str(c) for c in first)]
+    assert not handler._runs
