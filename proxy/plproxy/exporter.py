@@ -11,6 +11,9 @@ record exported, failed or due again:
     2xx that is not JSON or names no id              capped at `max_backoff`; never given up
     other 4xx (400/401/403/404/422, …)             → failed, with PromptLayer's answer (truncated)
 
+When PromptLayer answers again after an outage, whatever waits out a backoff is made due at once, so
+the backlog goes out as fast as the concurrency allows rather than trickling out over `max_backoff`.
+
 Follow-ups of exported records go to `/rest/track-{score,metadata,prompt,group}` with
 `{"request_id": id, **body}` under the same rules. Every call carries the key in `X-API-KEY` (the
 record's own key, else the default one) and never in a body; no log line or stored error holds a key.
@@ -53,6 +56,9 @@ FOLLOWUP_PATHS: Final = {
 ERROR_MAX_CHARS: Final = 1000
 _LEASE_MARGIN = 30.0  # seconds a lease outlives the call it covers
 _BACKLOG_EVERY = 5.0  # seconds between refreshes of the backlog gauge
+# Unavailable this long, PromptLayer's return makes the backlog due at once (a lone record that keeps
+# failing while others go through never counts as an outage, so it keeps its own backoff).
+_OUTAGE_SECONDS = 1.0
 
 T = TypeVar("T")
 
@@ -123,6 +129,7 @@ class Exporter:
         self._run_task: asyncio.Task[Any] | None = None
         self._stopping = False
         self._healthy = True
+        self._unhealthy_since = 0.0  # monotonic; when the current outage began
         self._followups_first = False
         self.exported_count = 0
         self.failed_count = 0
@@ -356,8 +363,9 @@ class Exporter:
         try:
             if answer.kind == "ok":
                 assert pl_id is not None
-                if await asyncio.to_thread(self.store.mark_exported, claim.log_id, pl_id):
-                    self._exported(claim.log_id, pl_id)
+                exported = await asyncio.to_thread(self.store.mark_exported, claim.log_id, pl_id)
+                if exported and self._exported(claim.log_id, pl_id):
+                    await self._after_outage()
             elif answer.kind == "fail":
                 await asyncio.to_thread(self.store.mark_failed, claim.log_id, answer.error)
                 self._failed(claim.log_id, "log-request", answer.error)
@@ -460,10 +468,13 @@ class Exporter:
 
     # ---- outcomes --------------------------------------------------------------------------------
 
-    def _exported(self, log_id: str, pl_id: int) -> None:
+    def _exported(self, log_id: str, pl_id: int) -> bool:
+        """Count an export; True when it ends an outage."""
         self.exported_count += 1
+        recovered = False
         if not self._healthy:
             self._healthy = True
+            recovered = time.monotonic() - self._unhealthy_since >= _OUTAGE_SECONDS
             log.warning("promptlayer_available")
         if self._metrics is not None:
             self._metrics.records.labels(outcome="exported").inc()
@@ -475,6 +486,13 @@ class Exporter:
                     "on_exported_failed",
                     extra={"fields": {"log_id": log_id, "error_type": type(exc).__name__}},
                 )
+        return recovered
+
+    async def _after_outage(self) -> None:
+        # Each record's backoff grew through the whole outage: without this, what waited would trickle
+        # out over up to `max_backoff` seconds although PromptLayer answers again now.
+        if await asyncio.to_thread(self.store.expedite, time.time() + self._max_backoff):
+            self._event.set()
 
     def _failed(self, log_id: str, endpoint: str, error: str) -> None:
         self.failed_count += 1
@@ -489,6 +507,7 @@ class Exporter:
             self._metrics.export_retries.inc()
         if self._healthy:
             self._healthy = False  # one warning per outage; each retry is a debug line
+            self._unhealthy_since = time.monotonic()
             log.warning(
                 "promptlayer_unavailable", extra={"fields": {"endpoint": endpoint, "error": error[:300]}}
             )
