@@ -63,16 +63,20 @@ async def test_two_workers_share_the_port_the_store_and_the_metrics(
 ) -> None:
     proxy = await asyncio.to_thread(spawn_proxy, base_env(fake_openai, tmp_path), "--workers", "2")
     pids: set[int] = set()
+    for _ in range(400):  # the second worker may still be starting: wait until both answer
+        # a fresh connection each time, so the kernel spreads them over both workers
+        async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/healthz") as health:
+            pids.add((await health.json())["pid"])
+        if len(pids) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(pids) == 2
     calls = 40
     for _ in range(calls):
-        # a fresh connection each time, so the kernel spreads them over both workers
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{proxy.url}/healthz") as health:
-                pids.add((await health.json())["pid"])
             body = {**CHAT, "stream": False, "model": "gpt-4o-mini"}
             async with session.post(f"{proxy.url}/v1/chat/completions", json=body) as response:
                 assert response.status == 200
-    assert len(pids) == 2
     totals = set()
     for _ in range(6):
         async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as metrics:
