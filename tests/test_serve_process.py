@@ -72,11 +72,15 @@ async def test_two_workers_share_the_port_the_store_and_the_metrics(
         await asyncio.sleep(0.05)
     assert len(pids) == 2
     calls = 40
+    served_by: set[int] = set()
     for _ in range(calls):
         async with aiohttp.ClientSession() as session:
             body = {**CHAT, "stream": False, "model": "gpt-4o-mini"}
             async with session.post(f"{proxy.url}/v1/chat/completions", json=body) as response:
                 assert response.status == 200
+            async with session.get(f"{proxy.url}/healthz") as health:  # same connection, same worker
+                served_by.add((await health.json())["pid"])
+    assert served_by == pids  # the calls were spread over both workers
     totals = set()
     for _ in range(6):
         async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as metrics:
