@@ -60,10 +60,11 @@ def build_request(url: str, body: bytes, headers: list[str]) -> tuple[bytes, str
         f"Host: {host}:{port}",
         "Content-Type: application/json",
         "Accept: application/json",
-        "Authorization: Bearer sk-bench-not-a-real-key",
         f"Content-Length: {len(body)}",
         *headers,
     ]
+    if not any(h.lower().startswith("authorization:") for h in headers):
+        lines.insert(4, "Authorization: Bearer sk-bench-not-a-real-key")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body, host, port
 
 

@@ -75,6 +75,18 @@ class Proc:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
+    def thread_cpu(self) -> dict[int, tuple[float, float]]:
+        """(user, system) CPU seconds per thread id, from /proc/PID/task/*/stat."""
+        out: dict[int, tuple[float, float]] = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[int(task.name)] = (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
+        return out
+
     def status_kb(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):

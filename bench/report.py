@@ -213,6 +213,12 @@ def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
     return f"{a / b:.{digits}f}\u00d7"
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """A reason fit for a table cell: one line, pipes escaped, the end kept (where errors say why)."""
+    flat = " ".join(str(text).split()).replace("|", "/")
+    return flat if len(flat) <= limit else "\u2026" + flat[-limit:]
+
+
 def _mark(t: dict[str, Any] | None) -> str:
     if t is None:
         return ""
@@ -454,7 +460,7 @@ def markdown(r: dict[str, Any]) -> str:
     else:
         row(
             "9",
-            f"LangChain handler: {h.get('status', 'not run')} — {h.get('why', '')}",
+            f"LangChain handler: {h.get('status', 'not run')} — {_one_line(h.get('why', ''))}",
             "—",
             "—",
             "—",
@@ -464,22 +470,36 @@ def markdown(r: dict[str, Any]) -> str:
             _mark(tg.get("handler")),
         )
     peers = r.get("peers") or {}
+    peer_lines: list[str] = []
     for name, p in peers.items():
         if not isinstance(p, dict):
             continue
         if p.get("status") != "measured":
-            row("P", f"{name}: {p.get('status', 'not run')} — {p.get('why', '')}", "—", "—", "—", "—", "—")
-            continue
-        for line in p.get("rows", []):
-            row(
-                "P",
-                f"{name}: {line['what']}",
-                _f(line.get("direct"), line.get("digits", 2)),
-                _f(line.get("relay"), line.get("digits", 2)),
-                _f(line.get("peer"), line.get("digits", 2)) + " (peer)",
-                _ratio(line.get("peer"), line.get("relay")),
-                _ratio(line.get("peer"), line.get("direct")),
+            peer_lines.append(
+                f"| {name} | {p.get('status', 'not run')}: {_one_line(p.get('why', ''))} | | | | | | |"
             )
+            continue
+        label = f"{name} {p.get('version', '')}".strip()
+        for line in p.get("rows", []):
+            dg = line.get("digits", 2)
+            peer_lines.append(
+                f"| {label} | {line['what']} | {_f(line.get('direct'), dg)} | {_f(line.get('relay'), dg)} | "
+                f"{_f(line.get('plproxy'), dg)} | {_f(line.get('peer'), dg)} | "
+                f"{_ratio(line.get('peer'), line.get('relay'))} | "
+                f"{_ratio(line.get('peer'), line.get('plproxy'))} |"
+            )
+        if p.get("promptlayer_callback"):
+            peer_lines.append(f"| {label} | PromptLayer callback: {p['promptlayer_callback']} | | | | | | |")
+    if peer_lines:
+        lines += [
+            "",
+            "Peers (same run, same upstream, same pinning):",
+            "",
+            "| peer | figure | direct | bare relay | plproxy | peer | peer \u00f7 relay "
+            "| peer \u00f7 plproxy |",
+            "|---|---|---|---|---|---|---|---|",
+            *peer_lines,
+        ]
     lines.append("")
     met = [t for t in r.get("targets", []) if t["met"] is True]
     missed = [t for t in r.get("targets", []) if t["met"] is False]
@@ -499,7 +519,7 @@ def markdown(r: dict[str, Any]) -> str:
     for note in r.get("notes", []):
         lines.append(f"\nNote: {note}")
     if r.get("errors"):
-        lines.append("\nFailed phases: " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items()))
+        lines.append("\nFailed phases: " + "; ".join(f"{k}: {_one_line(v)}" for k, v in r["errors"].items()))
     return "\n".join(lines) + "\n"
 
 

@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["targets"] = report.targets(results)
     table = report.markdown(results)
+    if "profile" in results:
+        from bench import profile
+
+        table += "\n### Profile (py-spy)\n\n" + profile.markdown(results["profile"])
     (a.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
     (a.out / "latest.json").write_text(json.dumps(results, indent=1))
     (a.out / "latest.md").write_text(table)
