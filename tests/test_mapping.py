@@ -409,6 +409,8 @@ def input_messages(*messages: Any) -> list[dict[str, Any]]:
                  id="reasoning becomes thinking"),
     pytest.param({"role": "ipython", "content": "x"}, {"role": "user", "content": [text("x")]},
                  id="unknown role"),
+    pytest.param({"role": ["user"], "content": "x"}, {"role": "user", "content": [text("x")]},
+                 id="unhashable role"),
 ])
 def test_chat_input_message(message: dict[str, Any], mapped: dict[str, Any]) -> None:
     assert input_messages(message) == [mapped]

@@ -200,7 +200,7 @@ def chat_message(message: object) -> dict[str, Any] | None:
     if not isinstance(message, dict):
         return None
     role = message.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:  # a list or dict role is not hashable
         role = "user"
     blocks = content_blocks(message.get("content"))
     reasoning = message.get("reasoning_content")

@@ -188,8 +188,8 @@ def _tools(request: Mapping[str, Any], blueprint: Blueprint, leftovers: dict[str
     tool_choice = request.get("tool_choice")
     if isinstance(tool_choice, dict):
         kind = tool_choice.get("type")
-        if kind in _TOOL_CHOICE:
-            blueprint["tool_choice"] = _TOOL_CHOICE[str(kind)]
+        if isinstance(kind, str) and kind in _TOOL_CHOICE:
+            blueprint["tool_choice"] = _TOOL_CHOICE[kind]
         elif kind == "tool" and isinstance(tool_choice.get("name"), str):
             blueprint["tool_choice"] = {"type": "function", "function": {"name": tool_choice["name"]}}
         if set(tool_choice) - {"type", "name"} or "tool_choice" not in blueprint:

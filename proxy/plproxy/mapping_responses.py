@@ -120,7 +120,7 @@ class _Messages:
         kind = item.get("type", "message")
         if kind == "message" or (kind is None and "role" in item):
             role = item.get("role")
-            role = role if role in _MESSAGE_ROLES else "user"
+            role = role if isinstance(role, str) and role in _MESSAGE_ROLES else "user"
             blocks = _blocks(item.get("content"))
             if role == "assistant":
                 self._assistant()["content"].extend(blocks)
