@@ -8,11 +8,15 @@ segments) reaches another host or leaves its mount.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import anthropic
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -131,3 +135,56 @@ async def test_unknown_mount_names_the_configured_ones(
         assert response.status == 404
         message = (await response.json())["error"]["message"]
     assert "/v1/, /anthropic/, /local/" in message
+
+
+# --- a bare OpenAI-compatible server: what some local servers omit never breaks a record -------------
+
+BARE_TEXT = ["Hello", ",", " Ada", "!"]
+
+
+async def _bare_chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    if "stream_options" in body:  # FastAPI with extra="forbid", as some servers are
+        detail = [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                   "msg": "Extra inputs are not permitted", "input": body["stream_options"]}]
+        return web.json_response({"detail": detail}, status=422)
+    if not body.get("stream"):  # no id, created, model, index, finish_reason or usage
+        message = {"role": "assistant", "content": "".join(BARE_TEXT)}
+        return web.json_response({"choices": [{"message": message}]})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for piece in BARE_TEXT:
+        await response.write(f"data: {json.dumps({'choices': [{'delta': {'content': piece}}]})}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+@pytest.fixture
+async def bare() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _bare_chat)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}/v1"
+    await server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_server_that_omits_ids_created_and_usage_still_gives_a_record(
+    start_proxy: StartProxy, bare: str, promptlayer: PromptLayerStandIn, stream: bool
+) -> None:
+    """Streamed, the server also refuses the injected stream_options with a 422: plproxy sends again."""
+    proxy = await start_proxy(PLPROXY_ROUTES=f"local={bare}")
+    async with client(f"{proxy.url}/local") as to_local:
+        raw = await to_local.chat.completions.with_raw_response.create(
+            model="qwen2.5:0.5b", messages=MESSAGES, stream=stream)
+        if stream:
+            text = "".join([c.choices[0].delta.content or "" async for c in raw.parse()])
+        else:
+            text = raw.parse().choices[0].message.content
+    assert text == "Hello, Ada!"
+    body = await record_for(promptlayer, raw.headers["X-PL-Log-Id"])
+    assert chat_text(body) == text
+    assert (body["model"], body["status"]) == ("qwen2.5:0.5b", "SUCCESS")  # the model asked for
+    assert "input_tokens" not in body
+    assert "output_tokens" not in body
