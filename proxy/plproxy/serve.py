@@ -19,6 +19,7 @@ from aiohttp import web
 
 from plproxy import oplog
 from plproxy.app_keys import STATE
+from plproxy.protocol import Runner
 from plproxy.server import create_app
 from plproxy.settings import Settings
 from plproxy.store import StoreError
@@ -49,7 +50,7 @@ def serve(
 
 async def _serve(settings: Settings, *, reuse_port: bool, multiprocess_dir: str | None) -> int:
     app = create_app(settings, multiprocess_dir=multiprocess_dir)
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         handler_cancellation=True,  # a client that leaves cancels its call, and so the upstream request
         shutdown_timeout=1.0,  # the drain below already waited; this only bounds stragglers
