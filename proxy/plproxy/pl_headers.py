@@ -71,6 +71,7 @@ class _Parser:
         return found[0].strip()
 
     def parse(self) -> PLHeaders:
+        self.drop_undecodable()
         tags = self.tags()
         metadata = self.metadata()
         prompt = self.prompt()
@@ -83,6 +84,19 @@ class _Parser:
                 self.warn(header, "unknown X-PL- header; it was removed and ignored")
         annotations = Annotations(tags=tags, metadata=metadata, score=score, group_id=group_id, **prompt)
         return PLHeaders(annotations, log_enabled, api_key, tuple(self.warnings))
+
+    def drop_undecodable(self) -> None:
+        """Values that were not UTF-8 on the wire (aiohttp keeps such bytes as lone surrogates): kept, they
+        would make the record impossible to encode, and with it the rest of the annotations."""
+        for header, found in list(self.values.items()):
+            valid = [value for value in found if _is_text(value)]
+            if len(valid) == len(found) or header in _PLPROXY_CONTROL:
+                continue
+            self.warn(header, "is not valid UTF-8; ignored")
+            if valid:
+                self.values[header] = valid
+            else:
+                del self.values[header]
 
     def tags(self) -> tuple[str, ...]:
         raw_values = self.values.pop("x-pl-tags", [])
@@ -203,6 +217,16 @@ class _Parser:
             self.warn("x-pl-api-key", "is not a key of printable ASCII characters; the default key is used")
             return None
         return raw
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _display(header: str) -> str:
