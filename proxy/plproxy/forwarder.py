@@ -130,12 +130,16 @@ class Forwarder:
         pl = parse_pl_headers(request.headers.items())
         kind = classify(request.method, target)
         recorded = kind is not None and pl.log_enabled
+        too_large = PayloadTooLarge(
+            f"The request body is larger than {self._settings.max_body_mb} MiB (PLPROXY_MAX_BODY_MB)."
+        )
+        declared = request.content_length
+        if declared is not None and declared > self._settings.max_body_bytes:
+            raise too_large  # at once: reading up to the limit first only to refuse it costs time and memory
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"The request body is larger than {self._settings.max_body_mb} MiB (PLPROXY_MAX_BODY_MB)."
-            ) from None
+            raise too_large from None
         call = _Call(self, request, target, pl, kind if recorded else None, body, started, perf_start)
         return await call.run()
 
