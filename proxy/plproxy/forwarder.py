@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from plproxy import json_bytes
 from plproxy.apis import CallKind, classify
 from plproxy.capture import Capture
 from plproxy.errors import BadRequest, PayloadTooLarge, PlproxyError, UpstreamTimeout, UpstreamUnreachable
@@ -193,7 +194,7 @@ class _Call:
                 and not self.f.refuses_stream_options(self.target.route.name)):
             self.injection = UsageInjection.for_request(parsed)
             if self.injection is not None:
-                self.body = orjson.dumps(self.injection.request)
+                self.body = json_bytes.dumps(self.injection.request, size_hint=len(self.body))
 
     @property
     def log_id(self) -> str | None:
