@@ -16,8 +16,10 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 
@@ -85,12 +87,62 @@ def measure(calls: int) -> dict[str, Any]:
     return results
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per live thread of this process, by Python thread name."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = names.get(int(task.name), f"thread {task.name}")
+        out[name] = round(out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick, 3)
+    return out
+
+
+def handler_only(calls: int) -> dict[str, Any]:
+    """Only calls with the handler, for a profiler to watch; per-thread CPU at the end."""
+    from langchain_core.language_models.fake import FakeListLLM
+
+    from plproxy_langchain import PromptLayerCallbackHandler  # type: ignore[attr-defined]
+
+    model = FakeListLLM(responses=["Once upon a time there was a benchmark."])
+    handler = PromptLayerCallbackHandler(pl_tags=["bench"])
+    for _ in range(50):  # start the background thread, the store and the exporter before measuring
+        model.invoke("Once upon a time, ", config={"callbacks": [handler]})
+    handler.flush(timeout=30)
+    before = thread_cpu()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        model.invoke("Once upon a time, ", config={"callbacks": [handler]})
+    elapsed = time.perf_counter() - t0
+    during = thread_cpu()
+    handler.flush(timeout=30)
+    flush_s = time.perf_counter() - t0 - elapsed
+    after = thread_cpu()
+
+    def delta(now: dict[str, float]) -> dict[str, float]:
+        return {k: round(v - before.get(k, 0.0), 3) for k, v in now.items()}
+
+    return {
+        "calls": calls,
+        "us_per_call": round(elapsed / calls * 1e6, 1),
+        "thread_cpu_s": delta(during),
+        "thread_cpu_after_flush_s": delta(after),
+        "flush_s": round(flush_s, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.handler_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=4000, help="calls per side and model")
+    parser.add_argument("--handler-only", action="store_true", help="only calls with the handler (profiling)")
     args = parser.parse_args(argv)
     try:
-        result = measure(args.calls)
+        result = handler_only(args.calls) if args.handler_only else measure(args.calls)
     except Exception as exc:
         result = {"status": "error", "why": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(result) + "\n")

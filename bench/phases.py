@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Proc, Processes, http, run_pinned
+from bench.procs import Proc, Processes, cpu_busy, http, run_pinned
 
 CHAT = (
     '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a terse assistant."},'
@@ -198,6 +198,16 @@ class Bench:
         )
         return parse_wrk(out)
 
+    def interference(self, what: str, busy: float, ours: float, seconds: float) -> None:
+        """CPU the process under test's CPU spent on other processes (a concurrent test suite, …)."""
+        foreign = max(0.0, busy - ours)
+        share = foreign / max(seconds, 0.001)
+        self.results.setdefault("interference", {})[what] = round(share, 3)
+        if share > 0.05:
+            self.notes.append(
+                f"{what}: other processes took {share:.0%} of the process-under-test's CPU meanwhile"
+            )
+
     # ---- (1) latency, (5) CPU, (6) pipeline, (7) logging off, (8) PromptLayer slow ------------------------
 
     def latency(self) -> None:
@@ -237,7 +247,10 @@ class Bench:
         if sampler:
             sampler.start()
         wall0 = time.time()
+        busy0 = cpu_busy(self.procs.sut_cpus)
         res = self.open_loop(t, rate)
+        busy = cpu_busy(self.procs.sut_cpus) - busy0
+        ours = proc.cpu_seconds() - cpu0 if proc else 0.0
         wall1 = time.time()
         ok_total = res.pop("ok_total", res["completed"])
         if t.recorded:
@@ -251,6 +264,7 @@ class Bench:
             res["cpu_calls"] = ok_total
             res["cpu_per_1000_s"] = round(res["cpu_s"] / max(1, ok_total) * 1000, 4)
             res["rss_mb"] = round(proc.rss_mb(), 1)
+            self.interference(f"latency {t.name} {rate:g}/s", busy, ours, wall1 - wall0)
         if t.recorded:
             stats = http("GET", t.standin + "/_bench/stats")
             res["exported"] = stats["log_requests"] - before
@@ -291,15 +305,24 @@ class Bench:
                         recorded=name != "plproxy_log_off",
                         standin=self.standin.url,
                     )
+                    exported0 = self.exported(t.standin)
                     warm = self.run_wrk(t, 1)  # a fresh process: warm it, then let its pipeline catch up
                     if t.recorded:
-                        self.wait_exported(t.standin, self.exported(t.standin) + warm["calls"], 30)
+                        self.wait_exported(t.standin, exported0 + warm["calls"], 30)
                 before = self.exported(t.standin) if t.recorded else 0
                 cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
                 started = time.monotonic()
+                busy0 = cpu_busy(self.procs.sut_cpus)
+                wall0 = time.monotonic()
                 res = self.run_wrk(t, self.o.window)
                 if t.proc:
                     res["cpu_s"] = round(t.proc.cpu_seconds() - cpu0, 3)
+                    self.interference(
+                        f"throughput {name}",
+                        cpu_busy(self.procs.sut_cpus) - busy0,
+                        res["cpu_s"],
+                        time.monotonic() - wall0,
+                    )
                     res["cpu_per_1000_s"] = round(res["cpu_s"] / max(1, res["calls"]) * 1000, 4)
                 if t.recorded:
                     during = self.exported(t.standin) - before
@@ -351,7 +374,8 @@ class Bench:
 
     def rss(self) -> None:
         n = self.o.rss_streams
-        gap, chunks = 0.1, 40  # streams of ~4 s, so that all n are open at once
+        # streams of ~4 s (shorter for tiny windows), so that all n are open at once
+        gap, chunks = 0.1, max(10, min(40, int(self.o.window * 10)))
         out: dict[str, Any] = {"streams": n}
         for name in ("relay", "plproxy"):
             if name == "relay":
@@ -366,7 +390,7 @@ class Bench:
             self.configure_upstream(delay=0.0)
             warm = Target(name, base, proc)
             saved = self.o.window, self.o.warmup
-            self.o.window, self.o.warmup = 1.0, 0.0
+            self.o.window, self.o.warmup = min(1.0, saved[0]), 0.0
             try:
                 self.open_loop(warm, 500)
             finally:
@@ -417,6 +441,7 @@ class Bench:
             out[name] = r
             self.procs.stop(proc)
         self.configure_upstream(delay=0.05, gap=0.02, chunks=20)
+        out["stream_seconds"] = round(gap * chunks, 1)
         self.results["rss"] = out
 
     # ---- (9) the LangChain handler ------------------------------------------------------------------------

@@ -34,6 +34,17 @@ def cpu_plan() -> tuple[set[int], set[int]]:
     return {cpus[-1]}, set(cpus[:-1])
 
 
+def cpu_busy(cpus: set[int]) -> float:
+    """Busy CPU seconds so far (everything but idle and iowait) of `cpus`, from /proc/stat."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            v = [int(x) for x in values]
+            total += sum(v[:8]) - v[3] - v[4]
+    return total / CLK_TCK
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,18 +18,20 @@ and its µs per call (share x the process's CPU per call, an approximation when 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.phases import LOG_OFF, Bench, Target
-from bench.procs import Proc
+from bench.phases import LOG_OFF, STREAM, Bench, Target
+from bench.procs import Proc, run_pinned
 
 RATE_HZ = 250
 _DIGITS = re.compile(r"[_-]?\d+$")
@@ -185,6 +187,33 @@ def run(bench: Bench) -> None:
     relay = Target("relay", bench.relay.url + "/v1", bench.relay)
     profile("saturation-relay", bench.relay, lambda: bench.run_wrk(relay, seconds - 1)["calls"])
 
+    bench.configure_upstream(delay=0.0, gap=0.02, chunks=20)
+    for name in ("streams-plproxy", "streams-relay"):
+        proc = fresh(f"{name}-proc") if name == "streams-plproxy" else bench.relay
+        t = Target(name, proc.url + "/v1", proc)
+        args = [
+            "--url",
+            t.base + "/chat/completions",
+            "--concurrency",
+            str(bench.o.stream_conns),
+            "--duration",
+            str(seconds - 1),
+            "--body",
+            STREAM,
+            "--stagger",
+            "0.2",
+            "--no-warm-first",
+        ]
+
+        def streams(args: list[str] = args) -> int:
+            return int(bench.loadgen("streams", args, seconds + 40)["streams"])
+
+        try:
+            profile(name, proc, streams)
+        finally:
+            if proc is not bench.relay:
+                bench.procs.stop(proc)
+
     bench.configure_upstream(delay=0.05)
     saved = bench.o.window, bench.o.warmup
     bench.o.window, bench.o.warmup = seconds - 1, 0.0
@@ -207,7 +236,62 @@ def run(bench: Bench) -> None:
         profile("rate500-relay", bench.relay, lambda: int(bench.open_loop(relay, 500)["ok_total"]))
     finally:
         bench.o.window, bench.o.warmup = saved
+    handler(bench, py_spy, results)
     bench.results["profile"] = results
+
+
+def handler(bench: Bench, py_spy: str, results: dict[str, Any]) -> None:
+    """The LangChain handler in a process of its own, launched under py-spy (all threads, GIL mode)."""
+    calls = 3000 if bench.o.quick else 10000
+    raw = bench.o.results / "profile-handler.txt"
+    env = {
+        "PROMPTLAYER_API_KEY": "pl_bench",
+        "PROMPTLAYER_BASE_URL": bench.standin.url,
+        "PLPROXY_DATA_DIR": tempfile.mkdtemp(prefix="handler-prof-", dir=bench.tmp),
+    }
+    argv = [
+        py_spy,
+        "record",
+        "--rate",
+        str(RATE_HZ),
+        "--nonblocking",
+        "--gil",
+        "--threads",
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+        "--",
+        sys.executable,
+        "-m",
+        "bench.handler_cost",
+        "--handler-only",
+        "--calls",
+        str(calls),
+    ]
+    try:
+        out = run_pinned(argv, bench.procs.sut_cpus, 600, env=env)
+        info = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    except (RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
+        results["handler"] = {"status": "failed", "why": str(exc)[-500:]}
+        return
+    if "us_per_call" not in info:
+        results["handler"] = {"status": info.get("status", "failed"), "why": info.get("why", "")}
+        return
+    cpu = sum(info["thread_cpu_after_flush_s"].values())
+    summary = summarize(raw, cpu, calls)
+    summary["wall_us_per_call"] = info["us_per_call"]
+    summary["caller_thread_cpu_during_calls_s"] = info["thread_cpu_s"]
+    summary["flush_s"] = info["flush_s"]
+    grouped: dict[str, float] = {}
+    for name, seconds in info["thread_cpu_after_flush_s"].items():
+        key = _DIGITS.sub("_N", name)
+        grouped[key] = grouped.get(key, 0.0) + seconds
+    summary["thread_cpu_s"] = {k: {"user": round(v, 3), "system": 0.0} for k, v in grouped.items()}
+    summary["thread_cpu_us_per_call"] = {
+        k: {"user": round(v / calls * 1e6, 1), "system": 0.0} for k, v in grouped.items()
+    }
+    results["handler"] = summary
 
 
 _SKIP = (

@@ -23,7 +23,7 @@ from typing import Any
 from bench import report
 from bench.loadgen import raise_fd_limit
 from bench.phases import Bench, Options
-from bench.procs import REPO, Processes
+from bench.procs import REPO, Processes, cpu_busy
 
 PHASES = ("latency", "throughput", "streams", "rss", "handler")
 
@@ -48,6 +48,21 @@ def ensure_wrk(install: bool) -> tuple[str | None, str]:
         "wrk is not installed (`apt-get install wrk`, as root); maximum calls/s were measured with "
         "the in-house closed-loop generator (`bench.loadgen closed`) instead"
     )
+
+
+def wait_quiet(limit: float, cpus: set[int]) -> tuple[float, float]:
+    """Wait (up to `limit` seconds) until other processes use under 10% of a CPU; (busy share, waited s)."""
+    start = time.monotonic()
+    while True:
+        b0 = cpu_busy(cpus)
+        time.sleep(2.0)
+        share = (cpu_busy(cpus) - b0) / 2.0
+        waited = time.monotonic() - start
+        if share < 0.10 or waited >= limit:
+            return share, waited
+        print(
+            f"[bench] the machine is busy ({share:.0%} of a CPU in use by others); waiting …", file=sys.stderr
+        )
 
 
 def machine() -> dict[str, Any]:
@@ -104,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-conns", type=int, default=32)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        help="seconds to wait for other processes to go quiet before starting (quick 0, full 300)",
+    )
     p.add_argument("--no-install", action="store_true", help="do not apt-get install a missing wrk")
     return p.parse_args(argv)
 
@@ -146,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         bench.notes.append(wrk_note)
     if fds < 2 * opts.rss_streams + 100:
         bench.notes.append(f"open-file limit is {fds}: {opts.rss_streams} streams may not all open")
+    quiet_limit = a.wait_quiet if a.wait_quiet is not None else (0.0 if quick else 300.0)
+    busy, waited = wait_quiet(quiet_limit, procs.sut_cpus | procs.other_cpus)
+    if busy >= 0.10:
+        bench.notes.append(
+            f"other processes were using {busy:.0%} of a CPU when the run started "
+            f"(after waiting {waited:.0f} s)"
+        )
+    load_start = os.getloadavg()
     try:
         bench.setup()
         for name in PHASES:
@@ -172,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         pinning={"process_under_test": sorted(procs.sut_cpus), "everything_else": sorted(procs.other_cpus)},
         notes=bench.notes,
         open_files_limit=fds,
+        loadavg={"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
     )
     results["targets"] = report.targets(results)
     table = report.markdown(results)
