@@ -81,6 +81,13 @@ def machine() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "proxy", "handler"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split("\n")
     wrk = shutil.which("wrk")
     wrk_version = ""
     if wrk:
@@ -97,6 +104,7 @@ def machine() -> dict[str, Any]:
         "orjson": version("orjson"),
         "wrk": wrk_version,
         "plproxy_commit": commit,
+        "uncommitted_proxy_changes": [line[3:] for line in dirty if line.strip()],
     }
 
 
