@@ -23,8 +23,11 @@ States of a record:
 
 A per-record `api_key` is stored beside the record, never in its payload, for as long as something
 still has to be sent with it: while the record is pending or kept, and after its export while it has
-unsent follow-ups. It is then erased. A follow-up that arrives after that cannot be sent to the right
-workspace, so it is stored as failed, saying so, rather than sent with the default key.
+unsent follow-ups. It is then erased, from every byte on disk: the connections run with
+`secure_delete` (the old row is overwritten with zeros, not just unlinked), and the writer then
+checkpoints the WAL and truncates it (within about a second; at once when the store closes), so that no
+older copy of the page survives in `plproxy.db-wal`. A follow-up that arrives after that cannot be sent
+to the right workspace, so it is stored as failed, saying so, rather than sent with the default key.
 
 Follow-ups (score, metadata, prompt, group) are stored per log id and sent, in order, once their record
 is exported; they fail with their record.
@@ -95,6 +98,8 @@ DEFAULT_LEASE_SECONDS: Final = 60.0
 _BUSY_TIMEOUT_MS = 10_000
 _MAX_BATCH = 500  # records per group commit
 _HEARTBEAT_SECONDS = 5.0  # an idle writer proves the file is still writable this often
+_SCRUB_INTERVAL = 1.0  # at most one WAL truncation a second, however many keys are erased
+_SCRUB_BUSY_TIMEOUT_MS = 200  # how long a truncation waits for readers before it is tried again later
 _ERROR_MAX_CHARS = 2000
 _ROW_OVERHEAD = 256  # bytes a status row costs, roughly, beside its payload
 _PRUNE_TO = 0.9  # prune down to this fraction of the cap, so that not every batch prunes
@@ -213,6 +218,7 @@ class _Barrier:
 
 
 _STOP: Final = object()
+_SCRUB: Final = object()  # wakes the writer: an erased key's old bytes are to leave the WAL
 
 
 @dataclass(slots=True)
@@ -323,6 +329,8 @@ class Store:
         self._ops_closed = False
         self._next_refusal_warning = 0.0
         self._refused_since_warning = 0
+        self._scrub_due = False  # a key was erased: the WAL still holds the page it was on
+        self._next_scrub = 0.0  # monotonic
 
         _prepare_dir(Path(data_dir))
         self._ops = self._connect("NORMAL")
@@ -359,6 +367,7 @@ class Store:
             if mode != "wal":
                 raise StoreError(f"the store {self.path} cannot use WAL mode (journal_mode is {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA secure_delete = ON")  # an erased key is overwritten, not just unlinked
             conn.execute("PRAGMA journal_size_limit = 67108864")
             conn.execute("PRAGMA foreign_keys = OFF")
         except sqlite3.OperationalError as exc:
@@ -495,9 +504,14 @@ class Store:
     def _writer_main(self) -> None:
         last_write = time.monotonic()
         while True:
+            timeout = _HEARTBEAT_SECONDS
+            if self._scrub_due:
+                timeout = min(timeout, max(0.0, self._next_scrub - time.monotonic()))
             try:
-                first = self._queue.get(timeout=_HEARTBEAT_SECONDS)
+                first = self._queue.get(timeout=timeout)
             except queue.Empty:
+                if self._scrub_due:
+                    self._scrub_wal()
                 if time.monotonic() - last_write >= _HEARTBEAT_SECONDS:
                     self._heartbeat()
                     last_write = time.monotonic()
@@ -521,7 +535,33 @@ class Store:
                         item.done.set()
             last_write = time.monotonic()
             if batch[-1] is _STOP:
+                if self._scrub_due:
+                    self._scrub_wal()
                 return
+            if self._scrub_due and time.monotonic() >= self._next_scrub:
+                self._scrub_wal()
+
+    def _key_erased(self) -> None:
+        """An own key was erased from a row: have the writer truncate the WAL, which still holds it."""
+        self._scrub_due = True
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_SCRUB)
+
+    def _scrub_wal(self) -> None:
+        self._scrub_due = False  # before the checkpoint: a key erased meanwhile asks for another one
+        self._next_scrub = time.monotonic() + _SCRUB_INTERVAL
+        conn = self._wconn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_SCRUB_BUSY_TIMEOUT_MS}")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            log.warning("store_wal_scrub_failed", extra={"fields": {"error": exc}})
+            busy = 1
+        if busy:  # a reader still uses an older snapshot: try again
+            self._scrub_due = True
 
     def _process(self, batch: list[object]) -> None:
         rows: list[_Row] = []
@@ -894,24 +934,28 @@ class Store:
                 " lease_owner = NULL, updated = ? WHERE log_id = ? AND state = 'pending'",
                 (pl_id, time.time(), log_id),
             )
-            conn.execute(_FORGET_KEY, (log_id,))
-            return cur.rowcount > 0
+            erased = conn.execute(_FORGET_KEY, (log_id,)).rowcount
+        if erased:
+            self._key_erased()
+        return cur.rowcount > 0
 
     def mark_failed(self, log_id: str, error: str) -> bool:
         """pending → failed for good; its pending follow-ups fail with it and its key is erased."""
         now = time.time()
         with self._ops_txn() as conn:
-            cur = conn.execute(
+            row = conn.execute(
                 "UPDATE records SET state = 'failed', error = ?, api_key = NULL, lease_until = 0,"
-                " lease_owner = NULL, updated = ? WHERE log_id = ? AND state = 'pending'",
+                " lease_owner = NULL, updated = ? WHERE log_id = ? AND state = 'pending' RETURNING own_key",
                 (error[:_ERROR_MAX_CHARS], now, log_id),
-            )
+            ).fetchone()
             conn.execute(
                 "UPDATE followups SET state = 'failed', error = 'not sent: its record failed', updated = ?"
                 " WHERE log_id = ? AND state = 'pending'",
                 (now, log_id),
             )
-            return cur.rowcount > 0
+        if row is not None and row[0]:
+            self._key_erased()
+        return row is not None
 
     def retry_later(self, log_id: str, at: float, error: str) -> bool:
         """Count an attempt, keep the record pending, due again at `at` (epoch seconds)."""
@@ -978,9 +1022,10 @@ class Store:
                 " WHERE id = ? AND state = 'pending' RETURNING log_id",
                 (state, error, time.time(), followup_id),
             ).fetchone()
-            if row is not None:
-                conn.execute(_FORGET_KEY, (row[0],))
-            return row is not None
+            erased = conn.execute(_FORGET_KEY, (row[0],)).rowcount if row is not None else 0
+        if erased:
+            self._key_erased()
+        return row is not None
 
     def retry_followup_later(self, followup_id: int, at: float, error: str) -> bool:
         with self._ops_txn() as conn:
