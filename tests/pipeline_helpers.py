@@ -26,7 +26,7 @@ def client(base_url: str, **kwargs: Any) -> openai.AsyncOpenAI:
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T | None]] | Callable[[], T | None], timeout: float = 5.0, what: str = ""
+    probe: Callable[[], Awaitable[T | None]] | Callable[[], T | None], timeout: float = 15.0, what: str = ""
 ) -> T:
     """Polls `probe` (sync or async) until it returns something other than None/False."""
     deadline = time.monotonic() + timeout
@@ -47,7 +47,7 @@ def records_for(promptlayer: PromptLayerStandIn, log_id: str) -> list[dict[str, 
     return [body for body in promptlayer.log_requests if body["metadata"].get("plproxy_log_id") == log_id]
 
 
-async def record_for(promptlayer: PromptLayerStandIn, log_id: str, timeout: float = 5.0) -> dict[str, Any]:
+async def record_for(promptlayer: PromptLayerStandIn, log_id: str, timeout: float = 15.0) -> dict[str, Any]:
     """The /log-request body the stand-in accepted for `log_id` (waits for it)."""
     found = await eventually(lambda: records_for(promptlayer, log_id) or None, timeout, f"record {log_id}")
     return found[0]
@@ -67,7 +67,7 @@ async def log_status(http: aiohttp.ClientSession, proxy_url: str, log_id: str) -
 
 
 async def wait_state(
-    http: aiohttp.ClientSession, proxy_url: str, log_id: str, state: str, timeout: float = 5.0
+    http: aiohttp.ClientSession, proxy_url: str, log_id: str, state: str, timeout: float = 15.0
 ) -> dict[str, Any]:
     async def probe() -> dict[str, Any] | None:
         status, body = await log_status(http, proxy_url, log_id)

@@ -215,10 +215,10 @@ async def test_promptlayer_down_costs_no_record_and_no_latency(
     proxy: RunningProxy, promptlayer: PromptLayerStandIn, http: aiohttp.ClientSession
 ) -> None:
     await timed_calls(http, proxy.base_url, 20, "warm-up")
-    await promptlayer.wait_for_log_requests(20)
+    await promptlayer.wait_for_log_requests(20, timeout=15)
 
     up_ids, up_latencies = await timed_calls(http, proxy.base_url, 200, "up")
-    await promptlayer.wait_for_log_requests(220)  # all exported before PromptLayer goes away
+    await promptlayer.wait_for_log_requests(220, timeout=15)  # all exported before PromptLayer goes away
 
     await promptlayer.stop()
     down_ids, down_latencies = await timed_calls(http, proxy.base_url, 200, "down")
@@ -260,7 +260,7 @@ async def test_rate_limited_promptlayer_gets_every_record(
 ) -> None:
     promptlayer.rate_limit(count=5, retry_after=1)
     log_ids, _ = await timed_calls(http, proxy.base_url, 30, "rate-limited")
-    await promptlayer.wait_for_log_requests(30, timeout=10)
+    await promptlayer.wait_for_log_requests(30, timeout=15)
     assert_each_once(promptlayer, log_ids)
     statuses = Counter(r.status for r in promptlayer.received)
     assert statuses[429] == 5
