@@ -147,6 +147,12 @@ def test_responses_tools(tools: list[Any], tool_choice: Any, blueprint: dict[str
     assert body["parameters"] == {"store": False, **parameters}
 
 
+def test_responses_stored_prompt_is_kept_in_parameters() -> None:
+    prompt = {"id": "pmpt_1", "version": "2", "variables": {"city": "Paris"}}
+    body = responses({"prompt": prompt, "input": "hi"})
+    assert body["parameters"] == {"prompt": prompt}
+
+
 def test_responses_without_output_or_response() -> None:
     assert responses({"input": "hi"}, [])["output"] == {"type": "chat", "messages": []}
     partial = body_of(Api.RESPONSES, {"model": "m", "input": "hi"}, None, outcome=Outcome.TIMEOUT)

@@ -217,6 +217,8 @@ def responses_blueprints(request: Mapping[str, Any], response: Mapping[str, Any]
                          leftovers: dict[str, Any]) -> tuple[Blueprint, Blueprint]:
     template: Blueprint = {"type": "chat", "messages": input_messages(request)}
     _tools(request, template, leftovers)
+    if request.get("prompt") is not None:  # a stored prompt (`{"id": "pmpt_…", "variables": …}`), as sent
+        leftovers["prompt"] = request["prompt"]
     return template, {"type": "chat", "messages": output_message(response)}
 
 
