@@ -98,14 +98,13 @@ class Evidence:
 
     def new_dir(self, label: str) -> Path:
         self._serial += 1
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:80]
-        path = self.root / f"{self._serial:04d}-{safe}"
+        path = self.root / f"{self._serial:04d}-{_safe(label)}"
         path.mkdir(parents=True)
         return path
 
     def keep(self, label: str, blobs: Iterable[bytes]) -> None:
         """Save bytes the scan must read (PromptLayer bodies, answers) under `label`."""
-        path = self.root / "kept" / f"{label}.bin"
+        path = self.root / "kept" / f"{_safe(label)}.bin"
         path.parent.mkdir(exist_ok=True)
         with path.open("ab") as sink:
             for blob in blobs:
@@ -120,6 +119,10 @@ class Evidence:
         """Add to a figure (counts summed over the tests that produce them)."""
         table = self.figures.setdefault(section, {})
         table[name] = table.get(name, 0) + amount
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:80]
 
 
 _CANARY = make_canary()

@@ -234,6 +234,8 @@ class PlproxyFactory:
             "PLPROXY_DATA_DIR": str(data_dir or where / "data"),
             "PLPROXY_LOG_LEVEL": "debug",  # the most a log can say: the scan reads it all
             "PROMPTLAYER_API_KEY": self.canary.promptlayer_key,
+            # at teardown the stand-in may already be gone: do not spend the default 5 s flushing to it
+            "PLPROXY_FLUSH_TIMEOUT": "1",
         }
         if promptlayer is not None:
             full_env["PROMPTLAYER_BASE_URL"] = (
