@@ -717,3 +717,24 @@ async def test_records_are_flushed_at_interpreter_exit(env: Path, promptlayer: P
     [record] = promptlayer.log_requests
     assert record["tags"] == ["at-exit"]
     assert output.decode().splitlines() == ["bye", f"pl id {promptlayer.accepted_ids[0]}"]
+
+
+async def test_a_chain_gives_one_record_whose_parent_is_the_chain_run(
+    env: Path, promptlayer: PromptLayerStandIn
+) -> None:
+    import copy
+
+    from langchain_core.prompts import ChatPromptTemplate
+
+    handler = PromptLayerCallbackHandler(pl_tags=TAGS)
+    assert copy.deepcopy(handler) is handler
+    prompt = ChatPromptTemplate.from_messages([("system", "You name {thing}s."), ("human", "{q}")])
+    chain = prompt | chat_model("Toasty")
+    chain_run = uuid.uuid4()
+    answer = await chain.ainvoke({"thing": "company", "q": "toasters?"},
+                                 config={"callbacks": [handler], "run_id": chain_run})
+    assert answer.content == "Toasty"
+    assert await handler.aflush(10)
+    [record] = promptlayer.log_requests  # the chain and the prompt template are not model calls
+    assert meta(record)["_langchain_parent_run_id"] == str(chain_run)
+    assert record["input"]["messages"][0]["content"] == [{"type": "text", "text": "You name companys."}]

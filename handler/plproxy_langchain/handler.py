@@ -170,6 +170,9 @@ class PromptLayerCallbackHandler(BaseCallbackHandler):
         self._runs: dict[uuid.UUID, RunInfo] = {}
         self._lock = threading.Lock()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> PromptLayerCallbackHandler:
+        return self  # one handler, one destination: a copied config keeps recording through it
+
     def __repr__(self) -> str:
         return f"PromptLayerCallbackHandler(pl_tags={self.pl_tags!r}, destination={self._destination!r})"
 
