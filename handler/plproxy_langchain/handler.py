@@ -8,7 +8,6 @@ every network call happen there. Each run's state is dropped when it ends or fai
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 import threading
@@ -30,8 +29,6 @@ from plproxy_langchain.sinks import Outgoing, SidecarSpec, StoreSpec, workspace_
 from plproxy_langchain.store_sink import StoreSink
 
 __all__ = ["PromptLayerCallbackHandler"]
-
-log = logging.getLogger("plproxy_langchain")
 
 DEFAULT_BASE_URL = "https://api.promptlayer.com"
 MAX_OPEN_RUNS = 10_000  # runs started and never ended (a host that drops them) are forgotten beyond this
@@ -78,7 +75,7 @@ def resolve_destination(
         except ValueError as exc:
             warn_once("bad_base_url", "PROMPTLAYER_BASE_URL is not a usable URL; the default is used",
                       error=str(exc))
-    key = api_key.strip() or None if api_key is not None else env_key
+    key = (api_key.strip() or None) if api_key is not None else env_key
     base = _http_url(base_url, "base_url") if base_url is not None else env_base
     data_dir = env.get("PLPROXY_DATA_DIR", "").strip() or default_data_dir(env)
     data_dir = os.path.expanduser(data_dir)
@@ -274,7 +271,7 @@ class PromptLayerCallbackHandler(BaseCallbackHandler):
             return
         for index in range(max(1, len(run.inputs))):
             build = _OneShot(partial(_payload, run, run_id, index, end_time, result, error,
-                                     tuple(self.pl_tags), self.metadata))
+                                     tuple(self.pl_tags), dict(self.metadata)))
             sink.submit(Outgoing(log_id_for(run_id, index), build, self.pl_id_callback))
 
     def _own_failure(self, where: str) -> None:
