@@ -189,17 +189,18 @@ async def open_loop(a: argparse.Namespace) -> dict[str, Any]:
                     errors[error] += 1
                 else:
                     statuses[str(resp.status)] += 1
-                    # uvloop's millisecond timers may wake the scheduler up to 1 ms early: a call sent
-                    # before its time is measured from when it was sent.
-                    lat = now - max(sched, sent)
+                    # from its scheduled time (a late send is charged to the target, as it should be),
+                    # except that uvloop's millisecond timers may wake the scheduler up to 1 ms early:
+                    # a call sent before its time is measured from when it was sent
+                    lat = now - min(sched, sent)
                     latency.append(lat)
-                    lateness.append(max(0, sent - sched))
+                    lateness.append(sent - sched)
                     hold = resp.headers.get(b"x-bench-hold-us")
                     if hold is not None:
                         held_us.append(int(hold))
                         net.append(lat - int(hold) * 1000)
-                    if 200 <= resp.status < 300:
-                        done_bins[(now + wall_offset) // 100_000_000] += 1
+            if error is None and 200 <= resp.status < 300:  # warm-up included: records are made for it too
+                done_bins[(now + wall_offset) // 100_000_000] += 1
             if all_sent and outstanding == 0:
                 finished.set()
 

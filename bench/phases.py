@@ -7,7 +7,9 @@ last CPU; the load generators, wrk, the fake upstream, the stand-ins and this ha
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import statistics
@@ -22,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Proc, Processes, cpu_busy, http, run_pinned
+
+MAX_RETRIES = 3  # redo a point disturbed by other processes this many times at most
+FOREIGN_LIMIT = 0.15  # CPUs' worth of other processes' work that counts as disturbed
 
 CHAT = (
     '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a terse assistant."},'
@@ -198,15 +203,41 @@ class Bench:
         )
         return parse_wrk(out)
 
-    def interference(self, what: str, busy: float, ours: float, seconds: float) -> None:
-        """CPU the process under test's CPU spent on other processes (a concurrent test suite, …)."""
-        foreign = max(0.0, busy - ours)
-        share = foreign / max(seconds, 0.001)
-        self.results.setdefault("interference", {})[what] = round(share, 3)
-        if share > 0.05:
+    def mine(self) -> float:
+        """CPU seconds used so far by this harness: itself, its waited-for tools, its running servers."""
+        t = os.times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for p in self.procs.started:
+            if p.alive():
+                with contextlib.suppress(OSError):
+                    total += p.cpu_seconds()
+        return total
+
+    def disturbed(self, what: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `measure()`; redo it (up to MAX_RETRIES times, the least disturbed run kept) while other
+        processes on this machine (a concurrent test suite, …) took over 15% of a CPU meanwhile."""
+        cpus = self.procs.sut_cpus | self.procs.other_cpus
+        best: dict[str, Any] | None = None
+        for attempt in range(MAX_RETRIES + 1):
+            busy0, mine0, t0 = cpu_busy(cpus), self.mine(), time.monotonic()
+            res = measure()
+            elapsed = time.monotonic() - t0
+            foreign = max(0.0, (cpu_busy(cpus) - busy0) - (self.mine() - mine0)) / max(elapsed, 0.001)
+            res["foreign_cpu"] = round(foreign, 3)
+            res["attempts"] = attempt + 1
+            if best is None or foreign < best["foreign_cpu"]:
+                best = res
+            if foreign <= FOREIGN_LIMIT:
+                break
+            time.sleep(5.0)
+        assert best is not None
+        self.results.setdefault("interference", {})[what] = best["foreign_cpu"]
+        if best["foreign_cpu"] > FOREIGN_LIMIT:
             self.notes.append(
-                f"{what}: other processes took {share:.0%} of the process-under-test's CPU meanwhile"
+                f"{what}: other processes used {best['foreign_cpu']:.0%} of a CPU during the least disturbed "
+                f"of {best['attempts']} attempts"
             )
+        return best
 
     # ---- (1) latency, (5) CPU, (6) pipeline, (7) logging off, (8) PromptLayer slow ------------------------
 
@@ -231,7 +262,10 @@ class Bench:
                     if t.name == "plproxy_pl_slow":  # a fresh process each time: its backlog must not linger
                         slow = self.start_plproxy(f"plproxy-pl-slow-{rep}", self.standin_slow.url)
                         t = Target(t.name, slow.url + "/v1", slow, recorded=True, standin=t.standin)
-                    res = self.measure_open(t, rate, pipeline=t.name == "plproxy")
+                    res = self.disturbed(
+                        f"latency {t.name} {rate:g}/s rep {rep}",
+                        lambda t=t, rate=rate: self.measure_open(t, rate, pipeline=t.name == "plproxy"),
+                    )
                     res["rep"] = rep
                     out.setdefault(str(int(rate)), {}).setdefault(t.name, []).append(res)
                     if slow is not None:
@@ -247,10 +281,7 @@ class Bench:
         if sampler:
             sampler.start()
         wall0 = time.time()
-        busy0 = cpu_busy(self.procs.sut_cpus)
         res = self.open_loop(t, rate)
-        busy = cpu_busy(self.procs.sut_cpus) - busy0
-        ours = proc.cpu_seconds() - cpu0 if proc else 0.0
         wall1 = time.time()
         ok_total = res.pop("ok_total", res["completed"])
         if t.recorded:
@@ -264,7 +295,6 @@ class Bench:
             res["cpu_calls"] = ok_total
             res["cpu_per_1000_s"] = round(res["cpu_s"] / max(1, ok_total) * 1000, 4)
             res["rss_mb"] = round(proc.rss_mb(), 1)
-            self.interference(f"latency {t.name} {rate:g}/s", busy, ours, wall1 - wall0)
         if t.recorded:
             stats = http("GET", t.standin + "/_bench/stats")
             res["exported"] = stats["log_requests"] - before
@@ -309,36 +339,30 @@ class Bench:
                     warm = self.run_wrk(t, 1)  # a fresh process: warm it, then let its pipeline catch up
                     if t.recorded:
                         self.wait_exported(t.standin, exported0 + warm["calls"], 30)
-                before = self.exported(t.standin) if t.recorded else 0
-                cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
-                started = time.monotonic()
-                busy0 = cpu_busy(self.procs.sut_cpus)
-                wall0 = time.monotonic()
-                res = self.run_wrk(t, self.o.window)
-                if t.proc:
-                    res["cpu_s"] = round(t.proc.cpu_seconds() - cpu0, 3)
-                    self.interference(
-                        f"throughput {name}",
-                        cpu_busy(self.procs.sut_cpus) - busy0,
-                        res["cpu_s"],
-                        time.monotonic() - wall0,
-                    )
-                    res["cpu_per_1000_s"] = round(res["cpu_s"] / max(1, res["calls"]) * 1000, 4)
-                if t.recorded:
-                    during = self.exported(t.standin) - before
-                    drained = self.wait_exported(t.standin, before + res["calls"], timeout=60)
-                    res["exported_during"] = during
-                    res["exported_per_s_during"] = round(during / self.o.window, 1)
-                    res["drain_after_s"] = None if drained is None else round(drained, 2)
-                    total = time.monotonic() - started
-                    res["exported_per_s_overall"] = (
-                        round(res["calls"] / total, 1) if drained is not None else None
-                    )
+                res = self.disturbed(f"throughput {name} rep {rep}", lambda t=t: self.measure_wrk(t))
                 res["rep"] = rep
                 out.setdefault(name, []).append(res)
                 if px is not None:
                     self.procs.stop(px)
         self.results["throughput"] = out
+
+    def measure_wrk(self, t: Target) -> dict[str, Any]:
+        before = self.exported(t.standin) if t.recorded else 0
+        cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
+        started = time.monotonic()
+        res = self.run_wrk(t, self.o.window)
+        if t.proc:
+            res["cpu_s"] = round(t.proc.cpu_seconds() - cpu0, 3)
+            res["cpu_per_1000_s"] = round(res["cpu_s"] / max(1, res["calls"]) * 1000, 4)
+        if t.recorded:
+            during = self.exported(t.standin) - before
+            drained = self.wait_exported(t.standin, before + res["calls"], timeout=60)
+            res["exported_during"] = during
+            res["exported_per_s_during"] = round(during / self.o.window, 1)
+            res["drain_after_s"] = None if drained is None else round(drained, 2)
+            total = time.monotonic() - started
+            res["exported_per_s_overall"] = round(res["calls"] / total, 1) if drained is not None else None
+        return res
 
     # ---- (3) streams --------------------------------------------------------------------------------------
 
@@ -366,7 +390,9 @@ class Bench:
                 "--timeout",
                 "10",
             ]
-            out[t.name] = self.loadgen("streams", args, self.o.window + 40)
+            out[t.name] = self.disturbed(
+                f"streams {t.name}", lambda args=args: self.loadgen("streams", args, self.o.window + 40)
+            )
         self.results["streams"] = out
         self.procs.stop(px)
 
@@ -497,23 +523,25 @@ def pipeline_series(
 ) -> dict[str, Any]:
     """Calls answered vs records at the stand-in, per 100 ms, over the measured window and the drain after.
 
-    backlog(t) = calls answered so far - records exported so far (both counted from the window's start);
-    its slope over the window says whether the pipeline keeps up (flat) or falls behind (growing).
+    backlog(t) = calls answered so far - records exported so far, both counted from the start of the load
+    (warm-up included; t is negative during the warm-up); its slope over the measured window says whether
+    the pipeline keeps up (flat) or falls behind (growing).
     """
+    first_bin = int(res["wall_start_s"] * 10)
     start_bin = int(res["wall_measure_start_s"] * 10)
     end_bin = int(wall1 * 10) + 1
     done = {int(k): v for k, v in res["done_bins"].items()}
     exp = {int(k): v for k, v in bins.items()}
     t, backlog, exported_rate = [], [], []
     answered = exported = 0
-    for b in range(start_bin, end_bin):
+    for b in range(first_bin, end_bin):
         answered += done.get(b, 0)
         exported += exp.get(b, 0)
         t.append(round((b - start_bin) / 10, 1))
         backlog.append(answered - exported)
         exported_rate.append(exp.get(b, 0) * 10)
     window_bins = int(res["duration"] * 10)
-    in_window = backlog[:window_bins]
+    in_window = backlog[start_bin - first_bin : start_bin - first_bin + window_bins]
     slope = _slope(in_window[len(in_window) // 2 :]) * 10 if len(in_window) > 4 else 0.0  # records/s
     exported_in_window = sum(exp.get(b, 0) for b in range(start_bin, start_bin + window_bins))
     return {

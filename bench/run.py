@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,10 @@ from bench.phases import Bench, Options
 from bench.procs import REPO, Processes, cpu_busy
 
 PHASES = ("latency", "throughput", "streams", "rss", "handler")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds through `finally`: what we started is stopped
 
 
 def ensure_wrk(install: bool) -> tuple[str | None, str]:
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = a.out / f"logs-{stamp}"
     log_dir.mkdir()
     fds = raise_fd_limit()
+    signal.signal(signal.SIGTERM, _terminate)
     procs = Processes(log_dir)
     if len(procs.other_cpus | procs.sut_cpus) > 1:
         os.sched_setaffinity(0, procs.other_cpus)
