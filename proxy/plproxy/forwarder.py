@@ -221,6 +221,11 @@ class _Call:
             error.headers.extend(self._plproxy_headers().items())
             error.headers.extend(("X-PL-Warning", warning) for warning in self.pl.warnings)
             raise
+        except asyncio.CancelledError:
+            # Once the answer is being relayed, `_relay_body` has said how the call ended; before that,
+            # nothing did, and the record would otherwise claim a success with an empty answer.
+            self._fail(Outcome.PARTIAL, "the client left before the upstream answered")
+            raise
         finally:
             self._finish(status)
 
