@@ -165,6 +165,21 @@ async def test_client_leaving_mid_stream_is_partial(
     assert fake_openai.streams[-1].client_gone
 
 
+async def test_client_giving_up_before_the_answer_is_not_a_success(
+    proxy: RunningProxy, promptlayer: PromptLayerStandIn
+) -> None:
+    # the client's own timeout on a hung upstream: nobody received an answer, so it is no success
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as impatient:
+        with pytest.raises(asyncio.TimeoutError):
+            await impatient.post(f"{proxy.base_url}/chat/completions", json={**CHAT, "model": "fake-hang"})
+    [body] = await promptlayer.wait_for_log_requests(1, timeout=15)
+    assert body["status"] == "WARNING"
+    assert body["error_type"] == "PROVIDER_PARTIAL_RESPONSE"
+    assert body["error_message"] == "the client left before the upstream answered"
+    assert body["output"] == {"type": "chat", "messages": []}
+    assert body["model"] == "fake-hang"
+
+
 async def test_upstream_silent_mid_stream_is_partial(
     start_proxy: StartProxy,
     promptlayer: PromptLayerStandIn,
