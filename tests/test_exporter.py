@@ -547,6 +547,22 @@ async def test_flush_while_running_at_sigterm(open_store, make_exporter, promptl
     assert sorted(arrived_ids(promptlayer)) == [f"r{i:02d}" for i in range(20)]
 
 
+async def test_flush_includes_records_the_writer_has_not_committed_yet(  # type: ignore[no-untyped-def]
+    open_store, make_exporter, promptlayer
+) -> None:
+    store = open_store()
+    exporter = make_exporter(store)
+
+    def slow_body() -> dict[str, Any]:
+        time.sleep(0.3)  # a slow disk, a busy writer thread: the record is committed late
+        return log_payload() | {"metadata": {"log_id": "slow"}}
+
+    store.submit("slow", slow_body)
+    report = await exporter.flush(5.0)
+    assert (report.exported, report.still_pending) == (1, 0)
+    assert arrived_ids(promptlayer) == ["slow"]
+
+
 async def test_stop_cancels_in_flight_calls_and_releases_their_leases(  # type: ignore[no-untyped-def]
     open_store, make_exporter, promptlayer
 ) -> None:
