@@ -253,6 +253,26 @@ async def test_stream_with_usage_asked_by_the_client(
     assert "stream_options" not in body["parameters"]
 
 
+async def test_streamed_legacy_completion_record(
+    proxy: RunningProxy, promptlayer: PromptLayerStandIn
+) -> None:
+    openai_client = client(proxy.base_url)
+    raw = await openai_client.completions.with_raw_response.create(
+        model="gpt-3.5-turbo-instruct", prompt="Once upon a time", stream=True, temperature=0.3
+    )
+    chunks = [chunk async for chunk in raw.parse()]
+    await openai_client.close()
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert text == "echo: Once upon a time"
+    assert all(chunk.usage is None for chunk in chunks)
+    body = await record_for(promptlayer, raw.headers["X-PL-Log-Id"])
+    assert body["status"] == "SUCCESS"
+    assert body["function_name"] == "openai.completions.create"
+    assert body["output"] == {"type": "completion", "content": [{"type": "text", "text": text}]}
+    assert body["parameters"] == {"temperature": 0.3}
+    assert body["output_tokens"] == 5
+
+
 async def raw_stream(
     http: aiohttp.ClientSession, url: str, request: dict[str, Any]
 ) -> tuple[str | None, bytes]:

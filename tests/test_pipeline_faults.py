@@ -69,6 +69,16 @@ async def test_upstream_error_is_recorded(
     assert body["parameters"] == {"temperature": 0}
 
 
+async def test_upstream_error_on_a_streamed_call_is_recorded(
+    proxy: RunningProxy, promptlayer: PromptLayerStandIn, http: aiohttp.ClientSession
+) -> None:
+    status, log_id, answer = await post_chat(http, proxy.base_url, model="fake-error-429", stream=True)
+    assert status == 429
+    body = await record_for(promptlayer, log_id)
+    assert (body["status"], body["error_type"]) == ("ERROR", "PROVIDER_RATE_LIMIT")
+    assert body["error_message"] == orjson.loads(answer)["error"]["message"]
+
+
 async def test_upstream_unreachable_is_recorded(
     start_proxy: StartProxy, promptlayer: PromptLayerStandIn, http: aiohttp.ClientSession
 ) -> None:
