@@ -197,7 +197,8 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER] = Forwarder(settings, app[SESSION], submit, metrics)
     exporter.start()
     yield
-    await asyncio.to_thread(store.sync)
+    if store.writable():  # a writer stuck on a full or failed disk gets its last chance in close()
+        await asyncio.to_thread(store.sync)
     await exporter.stop()
     backlog = await asyncio.to_thread(store.backlog)
     if settings.promptlayer_api_key is not None or backlog > 0:
