@@ -39,12 +39,21 @@ def measure(calls: int) -> dict[str, Any]:
         from plproxy_langchain import PromptLayerCallbackHandler  # type: ignore[attr-defined]
     except ImportError as exc:
         return {"status": "pending", "why": f"plproxy_langchain.PromptLayerCallbackHandler: {exc}"}
+    from langchain_core.callbacks import BaseCallbackHandler
     from langchain_core.language_models.fake import FakeListLLM
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    class Noop(BaseCallbackHandler):
+        """A handler that does nothing: what LangChain's callback machinery costs by itself."""
 
     results: dict[str, Any] = {"status": "measured", "calls_per_block": 0}
     before = _exported()
     handler = PromptLayerCallbackHandler(pl_tags=["bench"])
+    configs: dict[str, Any] = {
+        "none": None,
+        "noop": {"callbacks": [Noop()]},
+        "handler": {"callbacks": [handler]},
+    }
     block = max(10, calls // 20)
     results["calls_per_block"] = block
     models = {
@@ -53,27 +62,27 @@ def measure(calls: int) -> dict[str, Any]:
     }
     total_recorded = 0
     for kind, (model, prompt) in models.items():
-        for _ in range(block):  # warm both paths
-            model.invoke(prompt)
-            model.invoke(prompt, config={"callbacks": [handler]})
-        total_recorded += block
-        bare: list[float] = []
-        with_handler: list[float] = []
-        for i in range(2 * max(1, calls // block)):
-            config = {"callbacks": [handler]} if i % 2 else None
-            t0 = time.perf_counter()
+        for config in configs.values():  # warm every path
             for _ in range(block):
-                model.invoke(prompt, config=config)  # type: ignore[arg-type]
-            per_call = (time.perf_counter() - t0) / block
-            (with_handler if i % 2 else bare).append(per_call)
-            if i % 2:
-                total_recorded += block
-        b, h = statistics.median(bare), statistics.median(with_handler)
+                model.invoke(prompt, config=config)
+        total_recorded += block
+        per_call: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(max(1, calls // block)):
+            for name, config in configs.items():  # interleaved, so drift falls on every side
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    model.invoke(prompt, config=config)
+                per_call[name].append((time.perf_counter() - t0) / block)
+            total_recorded += block
+        m = {name: statistics.median(v) for name, v in per_call.items()}
         results[kind] = {
-            "no_handler_us": round(b * 1e6, 1),
-            "handler_us": round(h * 1e6, 1),
-            "added_us": round((h - b) * 1e6, 1),
-            "blocks": len(bare),
+            "no_handler_us": round(m["none"] * 1e6, 1),
+            "noop_handler_us": round(m["noop"] * 1e6, 1),
+            "handler_us": round(m["handler"] * 1e6, 1),
+            "added_us": round((m["handler"] - m["none"]) * 1e6, 1),
+            "langchain_callbacks_us": round((m["noop"] - m["none"]) * 1e6, 1),
+            "handler_own_us": round((m["handler"] - m["noop"]) * 1e6, 1),
+            "blocks": len(per_call["none"]),
         }
     t0 = time.perf_counter()
     flushed = handler.flush(timeout=30)
@@ -84,6 +93,7 @@ def measure(calls: int) -> dict[str, Any]:
     if before is not None and after is not None:
         results["exported"] = after - before
     results["added_us"] = max(results["llm"]["added_us"], results["chat"]["added_us"])
+    results["handler_own_us"] = max(results["llm"]["handler_own_us"], results["chat"]["handler_own_us"])
     return results
 
 

@@ -447,8 +447,8 @@ def markdown(r: dict[str, Any]) -> str:
     if h.get("status") == "measured":
         row(
             "9",
-            f"LangChain handler: \u00b5s per call added (fake LLM {h['llm']['no_handler_us']} \u00b5s bare; "
-            f"chat {h['chat']['no_handler_us']} \u00b5s bare)",
+            f"LangChain handler: \u00b5s added per call (fake LLM {h['llm']['no_handler_us']} "
+            f"\u00b5s bare; chat {h['chat']['no_handler_us']} \u00b5s bare)",
             "—",
             "—",
             f"llm {h['llm']['added_us']} / chat {h['chat']['added_us']}",
@@ -457,6 +457,17 @@ def markdown(r: dict[str, Any]) -> str:
             "\u2264 100 \u00b5s",
             _mark(tg.get("handler")),
         )
+        if "langchain_callbacks_us" in h["llm"]:
+            row(
+                "9",
+                "… of which LangChain's callbacks (a no-op handler) / the handler's own code, \u00b5s",
+                "—",
+                "—",
+                f"llm {h['llm']['langchain_callbacks_us']} / {h['llm']['handler_own_us']}; "
+                f"chat {h['chat']['langchain_callbacks_us']} / {h['chat']['handler_own_us']}",
+                "—",
+                "—",
+            )
     else:
         row(
             "9",

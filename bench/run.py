@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument(
+        "--report", type=Path, metavar="JSON", help="only render the table and chart of a saved run"
+    )
+    p.add_argument(
         "--wait-quiet",
         type=float,
         help="seconds to wait for other processes to go quiet before starting (quick 0, full 300)",
@@ -141,8 +144,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def render(results: dict[str, Any], out: Path, chart: bool) -> str:
+    results["targets"] = report.targets(results)
+    table = report.markdown(results)
+    if "profile" in results:
+        from bench import profile
+
+        table += "\n### Profile (py-spy)\n\n" + profile.markdown(results["profile"])
+    (out / "latest.md").write_text(table)
+    if chart:
+        note = report.chart(results, out / "latest.png")
+        if note:
+            print(f"[bench] {note}", file=sys.stderr)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.report:
+        results = json.loads(a.report.read_text())
+        a.out.mkdir(parents=True, exist_ok=True)
+        print(render(results, a.out, not a.no_chart))
+        return 0
     quick = a.quick
     opts = Options(
         quick=quick,
@@ -216,19 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         open_files_limit=fds,
         loadavg={"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
     )
-    results["targets"] = report.targets(results)
-    table = report.markdown(results)
-    if "profile" in results:
-        from bench import profile
-
-        table += "\n### Profile (py-spy)\n\n" + profile.markdown(results["profile"])
+    table = render(results, a.out, not a.no_chart)
     (a.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
     (a.out / "latest.json").write_text(json.dumps(results, indent=1))
-    (a.out / "latest.md").write_text(table)
-    if not a.no_chart:
-        note = report.chart(results, a.out / "latest.png")
-        if note:
-            print(f"[bench] {note}", file=sys.stderr)
     print(table)
     shutil.rmtree(bench.tmp, ignore_errors=True)
     return 0 if not results["errors"] else 1
