@@ -169,8 +169,8 @@ class Plproxy:
         (self.dir / f"metrics-{time.monotonic_ns()}.txt").write_bytes(body)
         return body.decode()
 
-    async def metric(self, name: str) -> float:
-        return metric_value(await self.metrics(), name)
+    async def metric(self, name: str, **labels: str) -> float:
+        return metric_value(await self.metrics(), name, **labels)
 
     def log_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
