@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from plproxy.apis import CallKind
-from plproxy.mapping import to_log_request
+from plproxy.mapping import redact_secrets, to_log_request
 from plproxy.reassembly import assembler_for
 from plproxy.record import Annotations, LogRecord, Outcome
 
@@ -47,6 +47,9 @@ class Capture:
     outcome: Outcome | None = None  # set when the forwarder knows better than the body (cut, timeout, …)
     error_message: str | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # the caller's credentials (from its headers) and the PromptLayer key: never in a record, even
+    # where an upstream quotes them back in its answer
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     def add_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
@@ -64,7 +67,8 @@ class Capture:
             self.tail.append(event)
 
     def build_payload(self) -> dict[str, Any]:
-        return to_log_request(self.to_record())
+        payload = to_log_request(self.to_record())
+        return redact_secrets(payload, self.secrets) if self.secrets else payload
 
     def to_record(self) -> LogRecord:
         request = _json_object(self.request_body)

@@ -23,6 +23,7 @@ from plproxy import json_bytes
 from plproxy.apis import CallKind, classify
 from plproxy.capture import Capture
 from plproxy.errors import BadRequest, PayloadTooLarge, PlproxyError, UpstreamTimeout, UpstreamUnreachable
+from plproxy.mapping import credential_values
 from plproxy.metrics import Metrics
 from plproxy.pl_headers import PLHeaders, is_pl_header, parse_pl_headers
 from plproxy.record import Api, Outcome, new_log_id
@@ -177,8 +178,14 @@ class _Call:
                 annotations=pl.annotations,
                 request_body=body,
                 start_time=started,
+                secrets=self._secrets(),
             )
             self._inspect_body(kind)
+
+    def _secrets(self) -> tuple[str, ...]:
+        secrets = credential_values(self.request.headers.items())
+        default_key = self.f._settings.promptlayer_api_key
+        return (*secrets, default_key) if default_key else secrets
 
     def _inspect_body(self, kind: CallKind) -> None:
         """Parse the JSON body only where something depends on it: the model label, usage injection."""

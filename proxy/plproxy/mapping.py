@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,8 +24,10 @@ __all__ = [
     "ApiMapping",
     "chat_message",
     "content_blocks",
+    "credential_values",
     "is_credential_key",
     "iso_time",
+    "redact_secrets",
     "to_log_request",
 ]
 
@@ -73,6 +75,45 @@ def is_credential_key(key: str) -> bool:
 
 def _looks_like_credential(value: object) -> bool:
     return isinstance(value, str) and _CREDENTIAL_VALUE.match(value) is not None
+
+
+REDACTED = "[REDACTED]"
+# Shorter header values are placeholders ("EMPTY", "ollama"), not keys; replacing them everywhere would
+# mangle ordinary text.
+MIN_SECRET_CHARS = 12
+
+
+def credential_values(headers: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """The secrets a request carries in its headers: the values of credential-named headers
+    (`Authorization`, `api-key`, `x-api-key`, …), the token alone for `<scheme> <token>`."""
+    found: list[str] = []
+    for name, value in headers:
+        if is_credential_key(name):
+            value = value.strip()
+            scheme, space, token = value.partition(" ")
+            secret = token.strip() if space else scheme
+            if len(secret) >= MIN_SECRET_CHARS:
+                found.append(secret)
+    return tuple(dict.fromkeys(found))
+
+
+def redact_secrets(value: Any, secrets: Iterable[str]) -> Any:
+    """A JSON value with every occurrence of each secret replaced, in strings and keys at any depth.
+
+    The allow-list keeps credentials out of a record's fields, but not out of the text it carries: an
+    upstream may quote the key it refused in its error message, or reflect request headers in its answer.
+    """
+    secrets = tuple(secrets)
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {redact_secrets(k, secrets): redact_secrets(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v, secrets) for v in value]
+    return value
 
 
 def _scrub(value: Any) -> Any:
