@@ -17,12 +17,15 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from plproxy.mapping import credential_values, redact_secrets
 from plproxy.store import Store
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.promptlayer import PromptLayerStandIn
 from tests.pipeline_helpers import eventually
-from tests.proxy_fixtures import ProxyProcess, plproxy_command
+from tests.proxy_fixtures import ProxyProcess, StartProxy, plproxy_command
 from tests.test_store import log_payload
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi to Ada"}]}
@@ -283,3 +286,90 @@ def test_store_scrubs_an_erased_key_from_every_file(tmp_path: Path) -> None:
     finally:
         store.close()
     assert leaks_on_disk(tmp_path, list(keys.values())) == {}
+
+
+# --- an upstream that echoes the caller's key back -----------------------------------------------------
+
+
+async def echoing_upstream(request: web.Request) -> web.Response:
+    """Some OpenAI-compatible servers put the key they refused in their error message, in full."""
+    auth = request.headers.get("Authorization", "")
+    if request.headers.get("x-api-key") == "refuse":
+        message = f"Incorrect API key provided: {auth.removeprefix('Bearer ')}."
+        return web.json_response(
+            {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}},
+            status=401,
+        )
+    text = f"you sent api-key {request.headers.get('api-key')} and {auth}"
+    return web.json_response(
+        {
+            "id": "chatcmpl-echo",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "echo",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+        }
+    )
+
+
+async def test_a_key_the_upstream_echoes_back_is_not_recorded(
+    start_proxy: StartProxy, promptlayer: PromptLayerStandIn, http: aiohttp.ClientSession
+) -> None:
+    canaries = Canaries()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echoing_upstream)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    try:
+        proxy = await start_proxy(
+            PLPROXY_UPSTREAM=f"http://127.0.0.1:{upstream.port}/v1", PROMPTLAYER_API_KEY=canaries.pl_default
+        )
+        headers = {"Authorization": f"Bearer {canaries.bearer}", "api-key": canaries.azure}
+        async with http.post(f"{proxy.base_url}/chat/completions", json=CHAT, headers=headers) as response:
+            answer = await response.read()
+            assert canaries.azure.encode() in answer  # the client gets the answer untouched
+        async with http.post(
+            f"{proxy.base_url}/chat/completions", json=CHAT, headers={**headers, "x-api-key": "refuse"}
+        ) as response:
+            assert response.status == 401
+            assert canaries.bearer.encode() in await response.read()
+        bodies = await promptlayer.wait_for_log_requests(2, timeout=15)
+    finally:
+        await upstream.close()
+    assert leaks_at_promptlayer(promptlayer, canaries.all) == []
+    assert bodies[0]["output"]["messages"][0]["content"] == [
+        {"type": "text", "text": "you sent api-key [REDACTED] and Bearer [REDACTED]"}
+    ]
+    assert bodies[1]["error_message"] == "Incorrect API key provided: [REDACTED]."
+    assert leaks_on_disk(proxy.settings.data_dir, canaries.all) == {}
+
+
+def test_credential_values_and_their_redaction() -> None:
+    headers = [
+        ("Authorization", "Bearer sk-proj-0123456789abcdef"),
+        ("api-key", "azure0123456789abcdef"),
+        ("X-Api-Key", " sk-ant-0123456789abcdef "),
+        ("X-PL-Api-Key", "pl_tenant_0123456789"),
+        ("Authorization", "Bearer EMPTY"),  # a local server's placeholder: not a secret
+        ("Content-Type", "application/json-with-a-long-name"),
+    ]
+    assert credential_values(headers) == (
+        "sk-proj-0123456789abcdef",
+        "azure0123456789abcdef",
+        "sk-ant-0123456789abcdef",
+        "pl_tenant_0123456789",
+    )
+    body = {
+        "output": [{"text": "key sk-proj-0123456789abcdef and azure0123456789abcdef"}],
+        "azure0123456789abcdef": 1,
+        "n": 3,
+        "ok": None,
+    }
+    assert redact_secrets(body, credential_values(headers)) == {
+        "output": [{"text": "key [REDACTED] and [REDACTED]"}],
+        "[REDACTED]": 1,
+        "n": 3,
+        "ok": None,
+    }
