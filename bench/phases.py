@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.procs import Proc, Processes, cpu_busy, http, run_pinned
 
-MAX_RETRIES = 3  # redo a point disturbed by other processes this many times at most
+MAX_RETRIES = 1  # redo a point disturbed by other processes this many times at most
 FOREIGN_LIMIT = 0.15  # CPUs' worth of other processes' work that counts as disturbed
 
 CHAT = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def child_setup(cpus: set[int]) -> Callable[[], None]:
+    """Runs in the child before exec: pin it, and have the kernel SIGTERM it should this harness die
+    without stopping it (SIGKILL, a test runner's timeout), so that nothing it started outlives it."""
+
+    def setup() -> None:
+        os.sched_setaffinity(0, cpus)
+        if _libc is not None:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
 
 
 def cpu_plan() -> tuple[set[int], set[int]]:
@@ -140,10 +157,6 @@ class Processes:
     def _popen(self, name: str, argv: Sequence[str], env: dict[str, str] | None, cpus: set[int]) -> Proc:
         log = self.log_dir / f"{name}.log"
         out = log.open("wb")
-
-        def pin() -> None:
-            os.sched_setaffinity(0, cpus)
-
         popen = subprocess.Popen(
             list(argv),
             cwd=REPO,
@@ -151,7 +164,7 @@ class Processes:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=pin,
+            preexec_fn=child_setup(cpus),  # before exec: every thread of the child inherits it
         )
         out.close()
         proc = Proc(name, popen, log, cpus=cpus)
@@ -229,16 +242,13 @@ def wait_healthy(proc: Proc, url: str, timeout: float) -> None:
 def run_pinned(argv: Sequence[str], cpus: set[int], timeout: float, env: dict[str, str] | None = None) -> str:
     """Run a short-lived tool (load generator, wrk) pinned to `cpus`; its stdout, or an error."""
 
-    def pin() -> None:
-        os.sched_setaffinity(0, cpus)
-
     done = subprocess.run(
         list(argv),
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
         timeout=timeout,
-        preexec_fn=pin,
+        preexec_fn=child_setup(cpus),
         check=False,
     )
     if done.returncode != 0:

@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--window", type=float, help="seconds measured per point (quick 3, full 10)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per point (quick 1, full 2)")
-    p.add_argument("--reps", type=int, help="repetitions of latency/throughput points (quick 1, full 3)")
+    p.add_argument("--reps", type=int, help="repetitions of latency/throughput points (quick 1, full 2)")
     p.add_argument("--stream-conns", type=int, default=100)
     p.add_argument("--rss-streams", type=int, default=1000)
     p.add_argument("--handler-calls", type=int, help="calls per side (quick 2000, full 10000)")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=quick,
         window=a.window or (3.0 if quick else 10.0),
         warmup=a.warmup if a.warmup is not None else (1.0 if quick else 2.0),
-        reps=a.reps or (1 if quick else 3),
+        reps=a.reps or (1 if quick else 2),
         rates=(200.0, 500.0),
         stream_conns=a.stream_conns,
         rss_streams=a.rss_streams,
