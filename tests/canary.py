@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import subprocess
 import time
@@ -71,6 +72,7 @@ def make_canary() -> Canary:
 
 def scan(paths: Iterable[Path], needles: list[bytes]) -> tuple[int, int, list[str]]:
     """(files, bytes, hits) over every file under `paths`; a hit names the file and the needle's offset."""
+    pattern = re.compile(b"|".join(re.escape(needle) for needle in needles))
     files = size = 0
     hits: list[str] = []
     for root in paths:
@@ -79,11 +81,9 @@ def scan(paths: Iterable[Path], needles: list[bytes]) -> tuple[int, int, list[st
             data = path.read_bytes()
             files += 1
             size += len(data)
-            for needle in needles:
-                at = data.find(needle)
-                if at != -1:
-                    hits.append(f"{path}: canary bytes at offset {at}")
-                    break
+            found = pattern.search(data)
+            if found is not None:
+                hits.append(f"{path}: canary bytes at offset {found.start()}")
     return files, size, hits
 
 

@@ -189,6 +189,12 @@ def ext4_volume(tmp_path: Path, size_mb: int = 64) -> Iterator[Volume]:
         _run("losetup", "-d", device)
 
 
+def keep_store(proxy: Plproxy) -> None:
+    """A copy of a data dir that lives on a volume about to be unmounted, for the secrets scan."""
+    with contextlib.suppress(OSError):
+        shutil.copytree(proxy.data_dir, proxy.dir / "data-copy")
+
+
 async def readiness(proxy: Plproxy) -> tuple[int, dict[str, Any]]:
     status, body = await proxy.get("/readyz")
     return status, orjson.loads(body)
@@ -250,6 +256,7 @@ async def test_data_dir_full_then_freed(
                 seen = await all_exported(promptlayer, before + during, timeout=30)
         finally:
             await proxy.stop()
+            keep_store(proxy)
     assert set(seen.values()) == {1}
     evidence.figure(
         "faults",
@@ -307,6 +314,7 @@ async def test_data_dir_turned_read_only(
             seen = await all_exported(promptlayer, before, timeout=30)
         finally:
             await proxy.stop()
+            keep_store(proxy)
     lost_during = [log_id for log_id in during if log_id not in seen]
     # exports in flight when the disk failed were accepted but could not be marked: sent again, at most
     # the batch that was in flight (at-least-once)

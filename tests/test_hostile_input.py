@@ -251,6 +251,20 @@ async def test_requests_the_http_parser_refuses_get_an_openai_shaped_400(
     await hostile.survived("header floods and malformed header lines")
 
 
+async def test_a_malformed_credential_line_is_neither_echoed_nor_logged(hostile: Target) -> None:
+    """The line the parser refuses is an `Authorization` holding the canary key: aiohttp would quote it."""
+    key = hostile.canary.provider_key.encode()
+    raw = hostile.request("/v1/chat/completions", body=orjson.dumps(CHAT))
+    raw = raw.replace(b"Authorization: Bearer " + key, b"Authorization: Bearer " + key + b"\x7f")
+    answer = await hostile.send(raw)
+    assert_openai_error(answer, 400)
+    assert key not in answer.body
+    await asyncio.sleep(0.2)  # the log line is written
+    assert hostile.canary.provider_key not in hostile.proxy.log_text()
+    assert hostile.proxy.events_named("request_refused")
+    await hostile.survived("malformed credential lines")
+
+
 async def test_10000_tags_over_many_headers_are_capped_with_a_warning(hostile: Target) -> None:
     headers = [b"X-PL-Tags: " + b",".join(b"tag%d" % (i * 100 + j) for j in range(100)) for i in range(100)]
     answer = await hostile.send(hostile.request("/v1/chat/completions", headers, orjson.dumps(CHAT)))
