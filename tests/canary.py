@@ -9,8 +9,9 @@ the run by this plugin — can look for the canaries in all of it.
 
 Figures (load held, faults survived, bad inputs tried, records lost, secrets found) are added by the tests
 through `Evidence.figure(...)`; at the end of the session they are written, with each reliability test's
-outcome, to `tests/.reliability-figures.json` (or `$PLPROXY_RELIABILITY_FIGURES`), from which
-`python -m tests.reliability_report` renders the table in docs/reliability.md.
+outcome, to `tests/.reliability-figures.json` (`tests/.reliability-figures-soak-full.json` for a run with
+`PLPROXY_SOAK_FULL=1`; or `$PLPROXY_RELIABILITY_FIGURES`), from which `python -m tests.reliability_report`
+renders the tables in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_PATH = REPO / "tests" / ".reliability-figures.json"
+# the full soak (PLPROXY_SOAK_FULL=1) keeps its own file: the report shows it beside the default run
+SOAK_FULL_FIGURES_PATH = REPO / "tests" / ".reliability-figures-soak-full.json"
 # The modules whose outcomes and figures make up docs/reliability.md.
 RELIABILITY_MODULES = (
     "tests/test_faults_promptlayer.py",
@@ -201,11 +204,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _OUTCOMES:
         return
     evidence = session.config.stash.get(_EVIDENCE_KEY, None)
-    target = Path(os.environ.get("PLPROXY_RELIABILITY_FIGURES") or FIGURES_PATH)
+    soak_full = os.environ.get("PLPROXY_SOAK_FULL") == "1"
+    default = SOAK_FULL_FIGURES_PATH if soak_full else FIGURES_PATH
+    target = Path(os.environ.get("PLPROXY_RELIABILITY_FIGURES") or default)
     report = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": _git_commit(),
-        "soak_full": os.environ.get("PLPROXY_SOAK_FULL") == "1",
+        "soak_full": soak_full,
         "modules": sorted({_module_of(nodeid) for nodeid in _OUTCOMES}),
         "outcomes": dict(sorted(_OUTCOMES.items())),
         "figures": evidence.figures if evidence is not None else {},
