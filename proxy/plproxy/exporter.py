@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import io
 import logging
 import random
 import threading
@@ -422,7 +423,8 @@ class Exporter:
         try:
             async with self._session.post(
                 self._base_url + path,
-                data=body,
+                # a file object above 1 MiB: aiohttp writes it in chunks instead of warning about one write
+                data=io.BytesIO(body) if len(body) > 1024 * 1024 else body,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

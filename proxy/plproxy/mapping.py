@@ -45,7 +45,7 @@ _NOT_PARAMETERS = frozenset({"model", "messages", "prompt", "input", "stream", "
 # Normalised (lower case, no "-", "_" or space) request or metadata keys that name a credential.
 _CREDENTIAL_WORDS = ("apikey", "secret", "password", "passwd", "authorization", "credential",
                      "privatekey", "accesstoken", "refreshtoken", "sessiontoken", "idtoken",
-                     "bearer", "cookie", "accesskey")
+                     "bearer", "cookie", "accesskey", "apitoken", "authtoken")
 _CREDENTIAL_KEYS = frozenset({"key", "token", "auth"})
 # Values that look like a key whatever the name they hide under: OpenAI, Anthropic, PromptLayer keys,
 # bearer headers.

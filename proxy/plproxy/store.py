@@ -534,7 +534,11 @@ class Store:
                     if isinstance(item, _Barrier):
                         item.done.set()
             last_write = time.monotonic()
-            if batch[-1] is _STOP:
+            stopping = batch[-1] is _STOP
+            # drop the batch now, not when the next one arrives: it may hold large LLM answers
+            del batch, first
+            item = None
+            if stopping:
                 if self._scrub_due:
                     self._scrub_wal()
                 return
