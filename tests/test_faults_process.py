@@ -189,6 +189,17 @@ def ext4_volume(tmp_path: Path, size_mb: int = 64) -> Iterator[Volume]:
         _run("losetup", "-d", device)
 
 
+def fill(path: Path) -> None:
+    """Write zeros to `path` until the file system is full (unbuffered: nothing left to flush at close)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+
+
 def keep_store(proxy: Plproxy) -> None:
     """A copy of a data dir that lives on a volume about to be unmounted, for the secrets scan."""
     with contextlib.suppress(OSError):
@@ -236,10 +247,7 @@ async def test_data_dir_full_then_freed(
                 before = await calls(session, proxy, canary, 5)
                 await stored(proxy, 5)
                 filler = disk / "filler"
-                with filler.open("wb") as sink, contextlib.suppress(OSError):
-                    while True:
-                        sink.write(b"\0" * 65536)
-                        sink.flush()
+                fill(filler)
                 during = await calls(session, proxy, canary, 8, big)
                 _status, ready = await wait_until(
                     lambda: _not_ready(proxy), 10, "/readyz to turn 503 with the disk full"
