@@ -98,15 +98,14 @@ def render(report: dict[str, Any], soak_full: dict[str, Any] | None) -> str:
         o for n, o in report.get("outcomes", {}).items() if n.startswith("tests/test_hostile_input.py")
     )
     out += ["", "#### Bad inputs tried", ""]
-    out.append("| kind | requests | worker still serving after each |")
+    out.append("| kind | test cases | worker still serving after each |")
     out.append("|---|---|---|")
     for kind, n in sorted(hostile.items()):
         out.append(f"| {kind} | {_cell(n)} | yes |")
     out.append("")
     out.append(
-        f"{_cell(sum(hostile.values()))} hostile requests over "
-        f"{_cell(sum(hostile_tests.values()))} test cases "
-        f"({_cell(hostile_tests.get('passed', 0))} passed); requests that reached a host other than the "
+        f"{_cell(sum(hostile_tests.values()))} hostile-input test cases, "
+        f"{_cell(hostile_tests.get('passed', 0))} passed; requests that reached a host other than the "
         f"configured upstream: {_cell(reached)}."
     )
 
