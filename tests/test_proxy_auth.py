@@ -30,7 +30,8 @@ async def gateway(start_proxy: StartProxy) -> Any:
         ({}, "requires a token"),
         ({"Proxy-Authorization": "Bearer wrong-token-0000000000"}, "not valid"),
         ({"X-PL-Proxy-Auth": TOKEN[:-1]}, "not valid"),
-        ({"Authorization": f"Bearer {TOKEN}"}, "requires a token"),  # the provider's header is not the proxy's
+        # the provider's header is not the proxy's
+        ({"Authorization": f"Bearer {TOKEN}"}, "requires a token"),
     ],
 )
 async def test_calls_without_a_valid_token_get_401(

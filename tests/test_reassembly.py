@@ -253,7 +253,7 @@ def test_completion_finished_after_every_finish_reason() -> None:
     assert (before, assembler.finished) == (False, True)
 
 
-# --- the registry, and the snapshot stand-in for APIs without an assembler ---------------------------------------------------
+# --- the registry, and the snapshot stand-in for APIs without an assembler ---
 
 @pytest.mark.parametrize(("api", "kind"), [
     (Api.CHAT, ChatStreamAssembler),

@@ -250,7 +250,7 @@ class _Call:
                 data=_request_payload(self.body),
                 allow_redirects=False,
             )
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             self._fail(Outcome.TIMEOUT, f"the upstream sent no answer within {settings.read_timeout:g} s")
             raise UpstreamTimeout(
                 f"The upstream did not answer within {settings.read_timeout:g} s (PLPROXY_READ_TIMEOUT)."
@@ -351,7 +351,7 @@ class _Call:
                 else:
                     self._keep_events(tail)
             await response.write_eof()
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             self._fail(Outcome.PARTIAL, "the upstream went silent for longer than the read timeout")
             upstream.close()
             self._cut_client()
@@ -385,7 +385,8 @@ class _Call:
         """Keep the injected usage for the record and strip it from what the client receives."""
         capture = self.capture
         injection = self.injection
-        assert capture is not None and injection is not None
+        assert capture is not None
+        assert injection is not None
         out: list[bytes] = []
         for event in events:
             data = event.data
@@ -425,9 +426,9 @@ class _Call:
         f = self.f
         total = time.perf_counter() - self.perf_start
         route = self.target.route.name
-        f._metrics.requests.labels(
-            route, self.request.method, f"{status // 100}xx" if status else "none", f._metrics.model_label(self.model)
-        ).inc()
+        status_class = f"{status // 100}xx" if status else "none"
+        model = f._metrics.model_label(self.model)
+        f._metrics.requests.labels(route, self.request.method, status_class, model).inc()
         f._metrics.request_duration.labels(route).observe(total)
         f._metrics.overhead.labels(route).observe(max(total - self.upstream_wait, 0.0))
         if self.capture is not None:
