@@ -112,7 +112,11 @@ class Conn(asyncio.Protocol):
         self.resp = resp
         self.done = done
         assert self.transport is not None
-        self.transport.write(request)
+        try:
+            self.transport.write(request)
+        except RuntimeError:  # the server closed this keep-alive connection before we noticed
+            self.closed = True
+            self._finish(time.perf_counter_ns(), "connection closed")
 
     def reusable(self, resp: Response) -> bool:
         return not self.closed and resp.headers.get(b"connection", b"").lower() != b"close"
@@ -230,6 +234,8 @@ async def open_loop(a: argparse.Namespace) -> dict[str, Any]:
         if wait > 0:
             await asyncio.sleep(wait / 1e9)
         outstanding += 1
+        while idle and (idle[-1].closed or idle[-1].transport is None or idle[-1].transport.is_closing()):
+            idle.pop()
         if idle:
             idle.pop().send(request, Response(), make_done(i, sched, time.perf_counter_ns()))
         else:

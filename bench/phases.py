@@ -231,11 +231,12 @@ class Bench:
                 break
             time.sleep(5.0)
         assert best is not None
+        best["attempts"] = attempt + 1
         self.results.setdefault("interference", {})[what] = best["foreign_cpu"]
         if best["foreign_cpu"] > FOREIGN_LIMIT:
             self.notes.append(
                 f"{what}: other processes used {best['foreign_cpu']:.0%} of a CPU during the least disturbed "
-                f"of {best['attempts']} attempts"
+                f"of {best['attempts']} attempt(s)"
             )
         return best
 

@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument(
+        "--merge", type=Path, metavar="JSON", help="start from a saved run; re-run only what is asked"
+    )
+    p.add_argument(
         "--report", type=Path, metavar="JSON", help="only render the table and chart of a saved run"
     )
     p.add_argument(
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         profile=a.profile,
         results=a.out,
     )
-    only = [x for x in a.only.split(",") if x] or list(PHASES)
+    only = [x for x in a.only.split(",") if x] or ([] if a.merge else list(PHASES))
     unknown = set(only) - set(PHASES)
     if unknown:
         print(f"bench: unknown phase(s) {sorted(unknown)}; choose from {PHASES}", file=sys.stderr)
@@ -198,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, procs.other_cpus)
     wrk, wrk_note = ensure_wrk(not a.no_install)
     bench = Bench(opts, procs)
+    if a.merge:
+        saved = json.loads(a.merge.read_text())
+        bench.results.update(
+            {k: v for k, v in saved.items() if k not in ("errors", "targets", "phase_seconds")}
+        )
+        bench.notes.extend(saved.get("notes", []))
     bench.wrk = wrk
     if wrk_note:
         bench.notes.append(wrk_note)
