@@ -152,19 +152,24 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 def _decompress(body: bytes, encoding: str) -> bytes:
+    """The decoded body for the record, or b"" when it cannot be decoded or would exceed the record cap
+    (a small compressed answer can inflate a thousandfold: the copy for the record must stay bounded)."""
     encoding = encoding.strip().lower()
-    try:
-        if encoding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, wbits=31)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(body)
-            except zlib.error:
-                return zlib.decompress(body, wbits=-15)
-    except zlib.error:
-        return b""
     if encoding == "identity":
         return body
+    if encoding in ("gzip", "x-gzip"):
+        candidates: tuple[int, ...] = (31,)
+    elif encoding == "deflate":
+        candidates = (15, -15)  # zlib-wrapped as the RFC says, or raw as some servers send it
+    else:
+        return b""
+    for wbits in candidates:
+        decoder = zlib.decompressobj(wbits=wbits)
+        try:
+            decoded = decoder.decompress(body, MAX_RECORDED_BODY_BYTES + 1)
+        except zlib.error:
+            continue
+        return b"" if len(decoded) > MAX_RECORDED_BODY_BYTES or decoder.unconsumed_tail else decoded
     return b""
 
 

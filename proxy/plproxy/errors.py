@@ -5,6 +5,7 @@
     ├── Unauthorized             401  authentication_error (proxy authentication, when enabled)
     ├── NotFound                 404  invalid_request_error
     ├── MethodNotAllowed         405  invalid_request_error
+    ├── RequestTimeout           408  invalid_request_error (the body stalled)
     ├── PayloadTooLarge          413  invalid_request_error
     ├── UpstreamUnreachable      502  upstream_error
     └── UpstreamTimeout          504  upstream_error
@@ -54,6 +55,12 @@ class MethodNotAllowed(PlproxyError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(PlproxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(PlproxyError):

@@ -22,7 +22,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from plproxy import json_bytes
 from plproxy.apis import CallKind, classify
 from plproxy.capture import Capture
-from plproxy.errors import BadRequest, PayloadTooLarge, PlproxyError, UpstreamTimeout, UpstreamUnreachable
+from plproxy.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    PlproxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from plproxy.mapping import credential_values
 from plproxy.metrics import Metrics
 from plproxy.pl_headers import PLHeaders, is_pl_header, parse_pl_headers
@@ -139,9 +146,16 @@ class Forwarder:
         if declared is not None and declared > self._settings.max_body_bytes:
             raise too_large  # at once: reading up to the limit first only to refuse it costs time and memory
         try:
-            body = await request.read()
+            # a client that stalls mid-upload must not hold its handler for ever
+            async with asyncio.timeout(self._settings.read_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {self._settings.read_timeout:g} s "
+                "(PLPROXY_READ_TIMEOUT)."
+            ) from None
         call = _Call(self, request, target, pl, kind if recorded else None, body, started, perf_start)
         return await call.run()
 
