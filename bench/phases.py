@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.procs import Proc, Processes, cpu_busy, http, run_pinned
 
-MAX_RETRIES = 1  # redo a point disturbed by other processes this many times at most
+MAX_RETRIES = 1  # redo a point disturbed by other processes this many times at most (not in --quick)
 FOREIGN_LIMIT = 0.15  # CPUs' worth of other processes' work that counts as disturbed
 
 CHAT = (
@@ -218,7 +218,7 @@ class Bench:
         processes on this machine (a concurrent test suite, …) took over 15% of a CPU meanwhile."""
         cpus = self.procs.sut_cpus | self.procs.other_cpus
         best: dict[str, Any] | None = None
-        for attempt in range(MAX_RETRIES + 1):
+        for attempt in range((MAX_RETRIES if not self.o.quick else 0) + 1):
             busy0, mine0, t0 = cpu_busy(cpus), self.mine(), time.monotonic()
             res = measure()
             elapsed = time.monotonic() - t0
