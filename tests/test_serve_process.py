@@ -116,3 +116,35 @@ async def test_a_corrupt_store_is_moved_aside_and_a_fresh_one_started(
     events = [line for line in lines if line["event"] == "store moved aside"]
     assert len(events) == 1
     assert events[0]["moved_to"] == str(moved[0])
+
+
+async def test_one_log_line_per_call_with_tokens_and_no_bodies(
+    spawn_proxy: Any, fake_openai: Any, tmp_path: Any
+) -> None:
+    proxy = await asyncio.to_thread(spawn_proxy, base_env(fake_openai, tmp_path))
+    body = {
+        **CHAT,
+        "stream": False,
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "prompt-canary"}],
+    }
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy.url}/v1/chat/completions", json=body) as response:
+            log_id = response.headers["X-PL-Log-Id"]
+        async with session.get(f"{proxy.url}/v1/models") as response:
+            assert response.status == 200
+    assert await asyncio.to_thread(proxy.stop) == 0
+    lines = [json.loads(line) for line in proxy.output().splitlines() if line.startswith("{")]
+    calls = [line for line in lines if line["event"] == "call"]
+    assert len(calls) == 2
+    recorded = next(line for line in calls if line["log_id"] == log_id)
+    assert recorded["status"] == 200
+    assert recorded["method"] == "POST"
+    assert recorded["path"] == "/chat/completions"
+    assert recorded["model"] == "gpt-4o-mini"
+    assert recorded["input_tokens"] > 0
+    assert recorded["output_tokens"] > 0
+    assert recorded["duration_ms"] >= recorded["upstream_ms"] >= 0
+    unrecorded = next(line for line in calls if line["log_id"] is None)
+    assert unrecorded["path"] == "/models"
+    assert "prompt-canary" not in proxy.output()

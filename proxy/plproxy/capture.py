@@ -47,6 +47,7 @@ class Capture:
     outcome: Outcome | None = None  # set when the forwarder knows better than the body (cut, timeout, …)
     error_message: str | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    call_log: dict[str, Any] | None = None  # the operational log line's fields, written with the tokens
     # the caller's credentials (from its headers) and the PromptLayer key: never in a record, even
     # where an upstream quotes them back in its answer
     secrets: tuple[str, ...] = field(default=(), repr=False)

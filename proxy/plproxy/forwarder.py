@@ -445,24 +445,23 @@ class _Call:
         f._metrics.requests.labels(route, self.request.method, status_class, model).inc()
         f._metrics.request_duration.labels(route).observe(total)
         f._metrics.overhead.labels(route).observe(max(total - self.upstream_wait, 0.0))
+        fields = {
+            "log_id": self.log_id,
+            "method": self.request.method,
+            "route": route,
+            "path": self.target.path,
+            "status": status,
+            "duration_ms": round(total * 1000, 3),
+            "upstream_ms": round(self.upstream_wait * 1000, 3),
+            "model": self.model,
+        }
         if self.capture is not None:
+            # the call's log line is written with its tokens once the record is built, off the loop
             self.capture.end_time = time.time()
+            self.capture.call_log = fields
             f._submit(self.capture, self.pl.api_key, self.pl)
-        log.info(
-            "call",
-            extra={
-                "fields": {
-                    "log_id": self.log_id,
-                    "method": self.request.method,
-                    "route": route,
-                    "path": self.target.path,
-                    "status": status,
-                    "duration_ms": round(total * 1000, 3),
-                    "upstream_ms": round(self.upstream_wait * 1000, 3),
-                    "model": self.model,
-                }
-            },
-        )
+        else:
+            log.info("call", extra={"fields": fields})
 
 
 __all__ = ["HOP_BY_HOP", "BadRequest", "Forwarder", "client_response_headers", "upstream_request_headers"]

@@ -32,6 +32,7 @@ from plproxy.settings import Settings
 from plproxy.store import CorruptStore, Store, move_aside
 
 log = logging.getLogger("plproxy.server")
+log_call = logging.getLogger("plproxy.access")
 
 
 MULTIPROCESS_DIR = web.AppKey("multiprocess_dir", str)  # "" unless run by --workers
@@ -188,9 +189,16 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     def submit(capture: Capture, api_key: str | None, pl: PLHeaders) -> None:
         def build() -> dict[str, Any]:
             # runs on the store's writer thread, where the tokens are first known
-            payload = capture.build_payload()
-            count_tokens(metrics, payload)
-            return payload
+            payload: dict[str, Any] = {}
+            try:
+                payload = capture.build_payload()
+                count_tokens(metrics, payload)
+                return payload
+            finally:
+                fields = dict(capture.call_log or {})
+                fields["input_tokens"] = payload.get("input_tokens")
+                fields["output_tokens"] = payload.get("output_tokens")
+                log_call.info("call", extra={"fields": fields})
 
         store.submit(capture.log_id, build, api_key=api_key, followups=control_api.header_followups(pl))
 
