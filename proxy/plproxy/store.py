@@ -97,6 +97,11 @@ DEFAULT_LEASE_SECONDS: Final = 60.0
 
 _BUSY_TIMEOUT_MS = 10_000
 _MAX_BATCH = 500  # records per group commit
+# How long the writer waits for more records before committing a batch: one fsync then covers a few
+# milliseconds of calls instead of one (at 500 calls/s, ~170 µs of CPU per record alone, ~35 in batches).
+_GATHER_SECONDS = 0.005
+# The size cap is measured exactly (three PRAGMAs) only near it, or every this many batches.
+_MEASURE_EVERY = 100
 _HEARTBEAT_SECONDS = 5.0  # an idle writer proves the file is still writable this often
 _SCRUB_INTERVAL = 1.0  # at most one WAL truncation a second, however many keys are erased
 _SCRUB_BUSY_TIMEOUT_MS = 200  # how long a truncation waits for readers before it is tried again later
@@ -326,6 +331,8 @@ class Store:
         self._close_lock = threading.Lock()
         self._give_up_at: float | None = None  # set by close(): the writer stops retrying then
         self._writable = False
+        self._used_estimate = 0  # bytes in use, as last measured plus what was written since
+        self._batches_since_measure = _MEASURE_EVERY  # measure on the first batch
         self._ops_closed = False
         self._next_refusal_warning = 0.0
         self._refused_since_warning = 0
@@ -517,14 +524,15 @@ class Store:
                     last_write = time.monotonic()
                 continue
             batch = [first]
+            gather_until = time.monotonic() + _GATHER_SECONDS
             while len(batch) < _MAX_BATCH and first is not _STOP:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, gather_until - time.monotonic()))
                 except queue.Empty:
                     break
                 batch.append(item)
-                if item is _STOP:
-                    break
+                if item is _STOP or isinstance(item, _Barrier):
+                    break  # someone waits on this batch: commit it now
             try:
                 self._process(batch)
             except Exception:  # a bug must not stop the writer: what is queued behind would be lost
@@ -683,7 +691,7 @@ class Store:
         with _transaction(conn):
             pruned = 0
             incoming = sum(len(r.payload or b"") + _ROW_OVERHEAD for r in rows)
-            if rows and self._used_bytes(conn) + incoming > self._max_bytes:
+            if rows and self._over_cap(conn, incoming):
                 pruned = self._prune(conn, incoming)
                 rows = self._refuse_over_cap(conn, rows)
             for r in rows:
@@ -740,6 +748,17 @@ class Store:
                 "not sent: the record was exported with its own API key, which the store no longer keeps"
             )
         return "pending", None
+
+    def _over_cap(self, conn: sqlite3.Connection, incoming: int) -> bool:
+        """Would `incoming` bytes take the store over its cap? Exact near the cap, estimated far from it."""
+        self._batches_since_measure += 1
+        estimate = self._used_estimate + incoming
+        if estimate <= self._max_bytes * 0.8 and self._batches_since_measure < _MEASURE_EVERY:
+            self._used_estimate = estimate
+            return False
+        used = self._used_bytes(conn)
+        self._used_estimate, self._batches_since_measure = used + incoming, 0
+        return used + incoming > self._max_bytes
 
     def _used_bytes(self, conn: sqlite3.Connection) -> int:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
