@@ -103,6 +103,9 @@ def run_workers(settings: Settings, serve_args: Sequence[str]) -> int:
             time.sleep(0.1)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    # a worker still starting when the signal came had no handler yet: it died of the signal itself
+    forwarded = {-signal.SIGTERM, -signal.SIGINT}
     codes = [worker.process.returncode for worker in workers]
+    codes = [0 if stopping and code in forwarded else code for code in codes]
     log.info("workers stopped", extra={"fields": {"exit_codes": codes}})
     return 1 if failed or any(codes) else 0
