@@ -227,14 +227,17 @@ class _ChatChoice:
         return choice
 
 
-class ChatStreamAssembler:
-    """Reassembles a `chat.completion.chunk` stream into a `chat.completion` body."""
+class _ChoicesAssembler:
+    """What chat and legacy completion streams share: an envelope, and choices keyed by index."""
 
     __slots__ = ("_choices", "_envelope")
 
     def __init__(self) -> None:
         self._envelope = _Envelope()
-        self._choices: dict[int, _ChatChoice] = {}
+        self._choices: dict[int, Any] = {}
+
+    def _new_choice(self) -> Any:
+        raise NotImplementedError
 
     def add(self, chunk: object) -> None:
         if not isinstance(chunk, dict):
@@ -243,12 +246,21 @@ class ChatStreamAssembler:
         for index, choice in _choice_items(chunk):
             state = self._choices.get(index)
             if state is None:
-                state = self._choices[index] = _ChatChoice()
+                state = self._choices[index] = self._new_choice()
             state.add(choice)
 
     @property
     def finished(self) -> bool:
         return bool(self._choices) and all(c.finish_reason is not None for c in self._choices.values())
+
+
+class ChatStreamAssembler(_ChoicesAssembler):
+    """Reassembles a `chat.completion.chunk` stream into a `chat.completion` body."""
+
+    __slots__ = ()
+
+    def _new_choice(self) -> _ChatChoice:
+        return _ChatChoice()
 
     def result(self) -> dict[str, Any]:
         choices = [self._choices[i].result(i) for i in sorted(self._choices)]
@@ -275,28 +287,13 @@ class _TextChoice:
                     self.logprobs.setdefault(key, []).extend(part)
 
 
-class CompletionStreamAssembler:
+class CompletionStreamAssembler(_ChoicesAssembler):
     """Reassembles a legacy `text_completion` stream into a `text_completion` body."""
 
-    __slots__ = ("_choices", "_envelope")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._envelope = _Envelope()
-        self._choices: dict[int, _TextChoice] = {}
-
-    def add(self, chunk: object) -> None:
-        if not isinstance(chunk, dict):
-            return
-        self._envelope.add(chunk)
-        for index, choice in _choice_items(chunk):
-            state = self._choices.get(index)
-            if state is None:
-                state = self._choices[index] = _TextChoice()
-            state.add(choice)
-
-    @property
-    def finished(self) -> bool:
-        return bool(self._choices) and all(c.finish_reason is not None for c in self._choices.values())
+    def _new_choice(self) -> _TextChoice:
+        return _TextChoice()
 
     def result(self) -> dict[str, Any]:
         choices = []
