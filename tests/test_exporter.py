@@ -141,6 +141,75 @@ async def test_records_are_exported_and_marked(open_store, make_exporter, prompt
     assert task.done()
 
 
+class CountingStore:
+    """A store whose exporter-side calls are counted."""
+
+    COUNTED = frozenset({"claim_due", "claim_due_followups", "mark_exported", "mark_exported_many"})
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.calls: dict[str, int] = dict.fromkeys(self.COUNTED, 0)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name not in self.COUNTED:
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+async def test_records_are_claimed_and_marked_in_batches(open_store, make_exporter, promptlayer) -> None:  # type: ignore[no-untyped-def]
+    store = open_store()
+    counting = CountingStore(store)
+    for i in range(200):
+        submit(store, f"r{i:03d}", i)
+    submit(store, "with-followup", 200, followups=[("score", {"score": 5})])
+    assert store.sync()
+    seen: list[str] = []
+    exporter = make_exporter(
+        counting, batch_size=50, concurrency=8, on_exported=lambda log_id, _: seen.append(log_id)
+    )
+    task = await running(exporter)
+    try:
+        await wait_until(lambda: exporter.exported_count == 201, what="201 exports")
+        await wait_until(lambda: len(promptlayer.followups("track-score")) == 1, what="the follow-up")
+    finally:
+        await exporter.stop()
+    assert task.done()
+    assert sorted(seen) == sorted({*(f"r{i:03d}" for i in range(200)), "with-followup"})  # one callback each
+    assert store.counts()["exported"] == 201
+    assert sorted(arrived_ids(promptlayer)) == sorted(seen)  # each sent once
+    calls = counting.calls
+    assert calls["mark_exported"] == 0
+    assert 5 <= calls["claim_due"] <= 20, calls  # 201 records in batches of up to 50, not one by one
+    assert calls["mark_exported_many"] <= 40, calls  # a transaction per buffer of marks, not per record
+    assert calls["claim_due_followups"] <= 20, calls  # looked for only when some may be due
+
+
+async def test_claimed_records_waiting_for_a_slot_are_released_on_stop(  # type: ignore[no-untyped-def]
+    open_store, make_exporter, promptlayer
+) -> None:
+    store = open_store()
+    for i in range(20):
+        submit(store, f"r{i:02d}", i)
+    assert store.sync()
+    promptlayer.stall_until_released()
+    exporter = make_exporter(store, batch_size=20, concurrency=2)
+    await running(exporter)
+    try:
+        await wait_until(lambda: promptlayer.held == 2, what="two calls in flight")
+        assert len(exporter._queued) == 18  # claimed in one batch, waiting for a slot
+    finally:
+        await exporter.stop()
+        promptlayer.release()
+    assert store.counts()["pending"] == 20
+    assert len(store.claim_due(100)) == 20  # no lease left behind
+
+
 async def test_a_commit_wakes_the_exporter_at_once(open_store, make_exporter, promptlayer) -> None:  # type: ignore[no-untyped-def]
     store = open_store()
     exporter = make_exporter(store, poll_interval=30.0)

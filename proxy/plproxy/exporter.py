@@ -18,9 +18,14 @@ Follow-ups of exported records go to `/rest/track-{score,metadata,prompt,group}`
 `{"request_id": id, **body}` under the same rules. Every call carries the key in `X-API-KEY` (the
 record's own key, else the default one) and never in a body; no log line or stored error holds a key.
 
-Concurrency: at most `concurrency` calls are in flight; a claim takes at most `batch_size` records and
-never more than there are free slots, so a record is leased only while it is actually being sent, and
-its lease (the call's timeout plus a margin) expires soon after a crash.
+Concurrency: at most `concurrency` calls are in flight. Records are claimed in batches of up to
+`batch_size`, only when at least half the slots are free (or none is busy), and wait in a local queue
+for a free slot; one that waited longer than half the lease margin is released rather than sent, so a
+record is never sent after its lease (the call's timeout plus a margin) may have expired. Exported
+records are marked in one transaction per short buffer (`_MARK_DELAY` or `_MARK_BATCH` records); a
+crash before that only means they are sent again. Follow-ups are looked for only when some may be due:
+records just exported had some, follow-ups were added lately or just went out, or `poll_interval`
+passed since the last look.
 
 The store is blocking (SQLite); every store call goes through `asyncio.to_thread`.
 """
@@ -35,6 +40,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC
@@ -60,6 +66,10 @@ _BACKLOG_EVERY = 5.0  # seconds between refreshes of the backlog gauge
 # Unavailable this long, PromptLayer's return makes the backlog due at once (a lone record that keeps
 # failing while others go through never counts as an outage, so it keeps its own backoff).
 _OUTAGE_SECONDS = 1.0
+_MARK_DELAY = 0.01  # seconds an exported record waits to be marked with others in one transaction
+_MARK_BATCH = 50  # ... or until this many wait
+_QUEUED_MAX = _LEASE_MARGIN / 2  # seconds a claimed record may wait for a slot before it is released
+_FOLLOWUPS_ACTIVE = 1.0  # seconds after follow-ups were added during which every pump looks for them
 
 T = TypeVar("T")
 
@@ -126,6 +136,17 @@ class Exporter:
         self._inflight: set[asyncio.Task[None]] = set()
         self._held_records: set[str] = set()
         self._held_followups: set[int] = set()
+        self._queued: deque[tuple[float, Claim]] = deque()  # claimed, waiting for a slot (loop time)
+        self._marks: list[tuple[Claim, int]] = []  # exported, not yet marked so in the store
+        self._mark_task: asyncio.Task[None] | None = None
+        self._mark_now = asyncio.Event()
+        self._followups_hint = True  # follow-ups may be due now
+        self._followups_gen = -1  # the store's followups_submitted when last seen
+        self._followups_active_until = 0.0  # monotonic
+        self._next_followups_poll = 0.0  # monotonic
+        self._new_work = True  # a commit since the last claim of records (set by wake())
+        self._store_drained = False  # the last claim of records got fewer than it asked for
+        self._next_claim_poll = 0.0  # monotonic; retries fall due without a commit
         self._paused_until = 0.0  # loop time; after a 429 nothing new is claimed before it
         self._run_task: asyncio.Task[Any] | None = None
         self._stopping = False
@@ -139,6 +160,7 @@ class Exporter:
 
     def wake(self) -> None:
         """New work was committed: look for it now. Thread-safe (the store's writer thread calls it)."""
+        self._new_work = True
         loop = self._loop
         if loop is None:
             return
@@ -196,15 +218,16 @@ class Exporter:
                 # a record still in the writer's queue is not due yet, and the flush would end without it
                 await asyncio.to_thread(self.store.sync, max(0.0, deadline_seconds - margin))
                 await asyncio.to_thread(self.store.expedite, wall_end)
+                self._followups_hint = True
                 while True:
                     self._event.clear()
-                    claimed = await self._pump()
+                    claimed = await self._pump(force=True)
                     if self._paused_until > loop.time():
                         if self._paused_until >= end:
                             break  # PromptLayer asked us to wait past the deadline
                         await self._wait_event(self._paused_until - loop.time())
                         continue
-                    if self._inflight:
+                    if self._inflight or self._queued or self._mark_task is not None:
                         await self._wait_event(self._poll_interval)
                         continue
                     if claimed:
@@ -256,45 +279,100 @@ class Exporter:
     def _free_slots(self) -> int:
         return self._concurrency - len(self._inflight)
 
-    async def _pump(self) -> int:
-        """Claim what is due, up to the free slots, and start sending it. Returns how many started."""
+    async def _pump(self, *, force: bool = False) -> int:
+        """Start sending what is due, up to the free slots. Returns how many started."""
         async with self._pump_lock:
             loop = asyncio.get_running_loop()
             if self._paused_until > loop.time():
+                await self._release_stale(loop.time())
                 return 0
-            started = 0
+            started = await self._start_queued()
             self._followups_first = not self._followups_first  # neither kind starves the other
             kinds = ("followups", "records") if self._followups_first else ("records", "followups")
             for kind in kinds:
                 free = self._free_slots()
                 if free <= 0:
                     break
-                limit = min(self._batch_size, free)
                 if kind == "records":
+                    if not self._claim_wanted(free, force):
+                        continue
+                    self._new_work = False
+                    self._next_claim_poll = time.monotonic() + self._poll_interval
                     claims = await self._claim(
                         self.store.claim_due,
-                        limit,
+                        self._batch_size,
                         time.time(),
                         lease_seconds=self._lease_seconds,
                         require_own_key=self._needs_own_key,
                     )
+                    self._store_drained = len(claims) < self._batch_size
+                    now = loop.time()
                     for claim in claims:
                         self._held_records.add(claim.log_id)
-                        self._spawn(self._send_record(claim))
-                    started += len(claims)
+                        self._queued.append((now, claim))
+                    started += await self._start_queued()
                 else:
+                    if not (force or self._followups_wanted()):
+                        continue
                     fclaims = await self._claim(
                         self.store.claim_due_followups,
-                        limit,
+                        min(self._batch_size, free),
                         time.time(),
                         lease_seconds=self._lease_seconds,
                         require_own_key=self._needs_own_key,
                     )
+                    if fclaims:
+                        self._followups_hint = True  # there may be more
                     for fclaim in fclaims:
                         self._held_followups.add(fclaim.id)
                         self._spawn(self._send_followup(fclaim))
                     started += len(fclaims)
             return started
+
+    def _claim_wanted(self, free: int, force: bool) -> bool:
+        """Claim records in batches: once the local queue is empty, when half the slots are free (or none
+        is busy) and records may wait in the store; at once for new work; else every poll interval."""
+        if self._queued:
+            return False
+        if force or self._new_work or time.monotonic() >= self._next_claim_poll:
+            return True
+        return not self._store_drained and (not self._inflight or free * 2 >= self._concurrency)
+
+    def _followups_wanted(self) -> bool:
+        """Whether follow-ups may be due: look for them only then (the query costs as much as a claim)."""
+        now = time.monotonic()
+        gen = getattr(self.store, "followups_submitted", None)
+        if gen is None or gen != self._followups_gen:
+            self._followups_gen = gen if gen is not None else -1
+            # added lately: committed soon, due once their record is exported
+            self._followups_active_until = now + max(self._poll_interval, _FOLLOWUPS_ACTIVE)
+        if self._followups_hint or now < self._followups_active_until or now >= self._next_followups_poll:
+            self._followups_hint = False
+            self._next_followups_poll = now + self._poll_interval
+            return True
+        return False
+
+    async def _start_queued(self) -> int:
+        """Send queued claims while slots are free; release those that waited too long."""
+        now = asyncio.get_running_loop().time()
+        started = 0
+        while self._queued and self._free_slots() > 0:
+            claimed_at, claim = self._queued[0]
+            if now - claimed_at > _QUEUED_MAX:
+                break
+            self._queued.popleft()
+            self._spawn(self._send_record(claim))
+            started += 1
+        await self._release_stale(now)
+        return started
+
+    async def _release_stale(self, now: float) -> None:
+        stale: list[str] = []
+        while self._queued and now - self._queued[0][0] > _QUEUED_MAX:
+            stale.append(self._queued.popleft()[1].log_id)
+        if stale:
+            await asyncio.to_thread(self._release_quietly, stale, [])
+            self._held_records.difference_update(stale)
 
     async def _claim(self, fn: Callable[..., list[T]], *args: Any, **kwargs: Any) -> list[T]:
         # The claim runs in a thread: if we are cancelled meanwhile, what it claimed is released
@@ -343,6 +421,10 @@ class Exporter:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        self._queued.clear()  # still held: released below
+        if self._mark_task is not None:  # what was sent is marked (and reported), not sent again
+            self._mark_now.set()
+            await asyncio.wait([self._mark_task])
         records, followups = list(self._held_records), list(self._held_followups)
         self._held_records.clear()
         self._held_followups.clear()
@@ -364,13 +446,12 @@ class Exporter:
         pl_id = _request_id(answer.data) if answer.kind == "ok" else None
         if answer.kind == "ok" and pl_id is None:
             answer = _Answer("retry", error=f"PromptLayer's answer names no id: {_snippet(answer.data)}")
+        if answer.kind == "ok":
+            assert pl_id is not None
+            self._queue_mark(claim, pl_id)  # still held until marked
+            return
         try:
-            if answer.kind == "ok":
-                assert pl_id is not None
-                exported = await asyncio.to_thread(self.store.mark_exported, claim.log_id, pl_id)
-                if exported and self._exported(claim.log_id, pl_id):
-                    await self._after_outage()
-            elif answer.kind == "fail":
+            if answer.kind == "fail":
                 await asyncio.to_thread(self.store.mark_failed, claim.log_id, answer.error)
                 self._failed(claim.log_id, "log-request", answer.error)
             else:
@@ -383,6 +464,60 @@ class Exporter:
             )
         self._held_records.discard(claim.log_id)
 
+    def _queue_mark(self, claim: Claim, pl_id: int) -> None:
+        self._marks.append((claim, pl_id))
+        # at once when its follow-ups wait for the mark, or when nothing else is in flight to share it with
+        idle = len(self._inflight) <= 1 and not self._queued  # the caller's own task is in flight
+        if len(self._marks) >= _MARK_BATCH or claim.has_followups or idle:
+            self._mark_now.set()
+        if self._mark_task is None:
+            self._mark_task = asyncio.get_running_loop().create_task(self._mark_loop())
+
+    async def _mark_loop(self) -> None:
+        try:
+            while self._marks:
+                await self._wait_mark()
+                self._mark_now.clear()
+                try:
+                    await self._flush_marks()
+                except Exception:
+                    log.exception("exporter_loop_error")
+        finally:
+            self._mark_task = None
+            self._event.set()
+
+    async def _wait_mark(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_MARK_DELAY):
+                await self._mark_now.wait()
+
+    async def _flush_marks(self) -> None:
+        """Mark the buffered exported records in one transaction, then count and report each."""
+        marks, self._marks = self._marks, []
+        if not marks:
+            return
+        try:
+            done = await asyncio.to_thread(
+                self.store.mark_exported_many,
+                [(claim.log_id, pl_id) for claim, pl_id in marks],
+                own_key=[claim.log_id for claim, _ in marks if claim.api_key is not None],
+            )
+        except Exception as exc:  # the store is closed or broken: the leases expire, they are sent again
+            log.error(
+                "exporter_store_update_failed",
+                extra={"fields": {"log_id": marks[0][0].log_id, "records": len(marks), "error": exc}},
+            )
+            done = [False] * len(marks)
+        recovered = False
+        for (claim, pl_id), exported in zip(marks, done, strict=True):
+            self._held_records.discard(claim.log_id)
+            if exported:
+                recovered = self._exported(claim.log_id, pl_id) or recovered
+                if claim.has_followups:
+                    self._followups_hint = True
+        if recovered:
+            await self._after_outage()
+
     async def _send_followup(self, claim: FollowupClaim) -> None:
         key = claim.api_key or self._default_key
         path = FOLLOWUP_PATHS[claim.kind]
@@ -394,8 +529,10 @@ class Exporter:
         try:
             if answer.kind == "ok":
                 await asyncio.to_thread(self.store.mark_followup_exported, claim.id)
+                self._followups_hint = True  # the record's next one is due now
             elif answer.kind == "fail":
                 await asyncio.to_thread(self.store.mark_followup_failed, claim.id, answer.error)
+                self._followups_hint = True
                 log.warning(
                     "followup_failed",
                     extra={"fields": {"log_id": claim.log_id, "kind": claim.kind, "error": answer.error}},
@@ -497,6 +634,7 @@ class Exporter:
         # Each record's backoff grew through the whole outage: without this, what waited would trickle
         # out over up to `max_backoff` seconds although PromptLayer answers again now.
         if await asyncio.to_thread(self.store.expedite, time.time() + self._max_backoff):
+            self._followups_hint = self._new_work = True
             self._event.set()
 
     def _failed(self, log_id: str, endpoint: str, error: str) -> None:

@@ -69,7 +69,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -177,6 +177,7 @@ class Claim:
     payload: bytes = field(repr=False)
     api_key: str | None = field(repr=False)  # the record's own key; None means the default key
     attempts: int
+    has_followups: bool = False  # it had pending follow-ups when claimed: they become due once it is exported
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +338,9 @@ class Store:
         self._next_refusal_warning = 0.0
         self._refused_since_warning = 0
         self._scrub_due = False  # a key was erased: the WAL still holds the page it was on
+        # Counts submit()s with follow-ups and add_followup()s (approximate, unlocked): the exporter skips
+        # looking for follow-ups while it stands still and none of its own records had any.
+        self.followups_submitted = 0
         self._next_scrub = 0.0  # monotonic
 
         _prepare_dir(Path(data_dir))
@@ -435,6 +439,8 @@ class Store:
         """Queue a record; the writer thread calls `build_payload()` and commits it. Never blocks."""
         for kind, _ in followups:
             _check_kind(kind)
+        if followups:
+            self.followups_submitted += 1
         self._enqueue(
             _NewRecord(log_id, build_payload, api_key or None, tuple(followups), time.time()), log_id
         )
@@ -442,6 +448,7 @@ class Store:
     def add_followup(self, log_id: str, kind: str, body: Mapping[str, Any]) -> None:
         """Queue a follow-up (score, metadata, prompt, group) for `log_id`; `body` without request_id."""
         _check_kind(kind)
+        self.followups_submitted += 1
         self._enqueue(_NewFollowup(log_id, kind, dict(body), time.time()), log_id)
 
     def _enqueue(self, item: object, log_id: str) -> None:
@@ -939,8 +946,19 @@ class Store:
             ).fetchall()
             # Payloads are read apart: RETURNING holds every returned row in memory several times over,
             # about 6 times a payload's size, where a plain SELECT costs about twice.
+            with_followups: set[str] = set()
+            if rows:
+                marks = ",".join("?" * len(rows))
+                with_followups = {
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT DISTINCT log_id FROM followups WHERE state = 'pending'"  # noqa: S608
+                        f" AND log_id IN ({marks})",
+                        [r[0] for r in rows],
+                    )
+                }
             return [
-                Claim(log_id, self._payload(conn, log_id), api_key, attempts)
+                Claim(log_id, self._payload(conn, log_id), api_key, attempts, log_id in with_followups)
                 for log_id, api_key, attempts in rows
             ]
 
@@ -951,16 +969,28 @@ class Store:
 
     def mark_exported(self, log_id: str, pl_id: int) -> bool:
         """pending → exported. False if the record was not pending (e.g. another process got there)."""
+        return self.mark_exported_many([(log_id, pl_id)], own_key=(log_id,))[0]
+
+    def mark_exported_many(
+        self, marks: Sequence[tuple[str, int]], *, own_key: Collection[str] = ()
+    ) -> list[bool]:
+        """`mark_exported` for several (log_id, pl_id) in one transaction; one bool each. The own key is
+        erased only for the records in `own_key` (the others have none to erase)."""
+        now = time.time()
         with self._ops_txn() as conn:
-            cur = conn.execute(
-                "UPDATE records SET state = 'exported', pl_id = ?, error = NULL, lease_until = 0,"
-                " lease_owner = NULL, updated = ? WHERE log_id = ? AND state = 'pending'",
-                (pl_id, time.time(), log_id),
-            )
-            erased = conn.execute(_FORGET_KEY, (log_id,)).rowcount
+            done = [
+                conn.execute(
+                    "UPDATE records SET state = 'exported', pl_id = ?, error = NULL, lease_until = 0,"
+                    " lease_owner = NULL, updated = ? WHERE log_id = ? AND state = 'pending'",
+                    (pl_id, now, log_id),
+                ).rowcount
+                > 0
+                for log_id, pl_id in marks
+            ]
+            erased = sum(conn.execute(_FORGET_KEY, (log_id,)).rowcount for log_id in own_key)
         if erased:
             self._key_erased()
-        return cur.rowcount > 0
+        return done
 
     def mark_failed(self, log_id: str, error: str) -> bool:
         """pending → failed for good; its pending follow-ups fail with it and its key is erased."""
