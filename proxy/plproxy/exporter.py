@@ -67,7 +67,7 @@ _BACKLOG_EVERY = 5.0  # seconds between refreshes of the backlog gauge
 # failing while others go through never counts as an outage, so it keeps its own backoff).
 _OUTAGE_SECONDS = 1.0
 _MARK_DELAY = 0.01  # seconds an exported record waits to be marked with others in one transaction
-_MARK_BATCH = 50  # ... or until this many wait
+_MARK_BATCH = 50  # ... or until this many wait (at most half the send slots: they hold theirs)
 _QUEUED_MAX = _LEASE_MARGIN / 2  # seconds a claimed record may wait for a slot before it is released
 _FOLLOWUPS_ACTIVE = 1.0  # seconds after follow-ups were added during which every pump looks for them
 
@@ -139,6 +139,7 @@ class Exporter:
         self._queued: deque[tuple[float, Claim]] = deque()  # claimed, waiting for a slot (loop time)
         self._marks: list[tuple[Claim, int]] = []  # exported, not yet marked so in the store
         self._mark_task: asyncio.Task[None] | None = None
+        self._marking = 0  # records in the mark transaction now running
         self._mark_now = asyncio.Event()
         self._followups_hint = True  # follow-ups may be due now
         self._followups_gen = -1  # the store's followups_submitted when last seen
@@ -277,7 +278,8 @@ class Exporter:
         return loop
 
     def _free_slots(self) -> int:
-        return self._concurrency - len(self._inflight)
+        # a record sent but not yet marked holds its slot: after a crash, at most `concurrency` go again
+        return self._concurrency - len(self._inflight) - len(self._marks) - self._marking
 
     async def _pump(self, *, force: bool = False) -> int:
         """Start sending what is due, up to the free slots. Returns how many started."""
@@ -468,7 +470,8 @@ class Exporter:
         self._marks.append((claim, pl_id))
         # at once when its follow-ups wait for the mark, or when nothing else is in flight to share it with
         idle = len(self._inflight) <= 1 and not self._queued  # the caller's own task is in flight
-        if len(self._marks) >= _MARK_BATCH or claim.has_followups or idle:
+        full = len(self._marks) >= min(_MARK_BATCH, max(1, self._concurrency // 2))
+        if full or claim.has_followups or idle:
             self._mark_now.set()
         if self._mark_task is None:
             self._mark_task = asyncio.get_running_loop().create_task(self._mark_loop())
@@ -496,6 +499,7 @@ class Exporter:
         marks, self._marks = self._marks, []
         if not marks:
             return
+        self._marking = len(marks)
         try:
             done = await asyncio.to_thread(
                 self.store.mark_exported_many,
@@ -508,6 +512,9 @@ class Exporter:
                 extra={"fields": {"log_id": marks[0][0].log_id, "records": len(marks), "error": exc}},
             )
             done = [False] * len(marks)
+        finally:
+            self._marking = 0
+            self._event.set()  # their slots are free
         recovered = False
         for (claim, pl_id), exported in zip(marks, done, strict=True):
             self._held_records.discard(claim.log_id)
