@@ -2,7 +2,7 @@
 
 Not a benchmark: the figures of so short a run mean nothing and are not checked against the targets.
 It only keeps bench/ from rotting as the proxy changes: every phase must run, every figure must be
-measured, and the table, JSON and (with matplotlib) PNG must be written. 40–90 s.
+measured, and the table, JSON and (with matplotlib) PNG must be written. 40 to 90 s.
 """
 
 from __future__ import annotations
