@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.openai_upstream import ReceivedRequest, StreamResult, _abort, _pieces, _words
 
 __all__ = ["SIGNATURE", "THINKING_TEXT", "TOOL_INPUTS", "FakeAnthropic"]
@@ -261,13 +262,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return error.response()
 
 
-class FakeAnthropic:
+class FakeAnthropic(LoopbackServer):
     """The fake served on 127.0.0.1; `base_url` is what ANTHROPIC_BASE_URL (or a plproxy route) holds."""
 
     def __init__(self, *, chunk_delay: float = 0.0) -> None:
+        super().__init__()
         self._state = _State(chunk_delay=chunk_delay)
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
@@ -283,29 +283,8 @@ class FakeAnthropic:
     def streams(self) -> list[StreamResult]:
         return self._state.streams
 
-    async def start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app[STATE] = self._state
         app.router.add_route("*", "/{tail:.*}", dispatch)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self.port = runner.addresses[0][1]
-        self._runner = runner
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> FakeAnthropic:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        return app

@@ -62,6 +62,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.fakes.loopback import LoopbackServer
+
 __all__ = [
     "CREATED",
     "GZIP_BODY",
@@ -952,16 +954,15 @@ def create_app(*, chunk_delay: float = 0.0, answer_delay: float = 0.0) -> web.Ap
     return _make_app(_State(chunk_delay=chunk_delay, answer_delay=answer_delay))
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
     """The fake served on 127.0.0.1; `port=0` picks a free port, kept across `stop()`/`start()`."""
 
     def __init__(
         self, *, chunk_delay: float = 0.0, answer_delay: float = 0.0, port: int = 0, record: bool = True
     ) -> None:
         """`record=False` (the standalone default) keeps nothing in memory, for long benchmark runs."""
+        super().__init__(port=port)
         self._state = _State(chunk_delay=chunk_delay, answer_delay=answer_delay, record=record)
-        self.port = port
-        self._runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
@@ -1003,36 +1004,8 @@ class FakeOpenAI:
     def answer_delay(self, value: float) -> None:
         self._state.answer_delay = value
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            raise RuntimeError("FakeOpenAI is already running")
-        runner = web.AppRunner(_make_app(self._state), access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self.port = runner.addresses[0][1]
-        self._runner = runner
-
-    async def stop(self) -> None:
-        """Closes the listener and every connection; idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-            # A few turns of the loop let in-process clients see their pooled connections closed, so
-            # their next request meets the closed listener instead of a dead keep-alive socket.
-            for _ in range(3):
-                await asyncio.sleep(0)
-
-    async def __aenter__(self) -> FakeOpenAI:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def make_app(self) -> web.Application:
+        return _make_app(self._state)
 
 
 async def _serve(args: argparse.Namespace) -> None:

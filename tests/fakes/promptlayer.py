@@ -47,6 +47,8 @@ from multidict import CIMultiDict
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from tests.fakes.loopback import LoopbackServer
+
 __all__ = [
     "FOLLOWUP_PATHS",
     "InvalidBody",
@@ -263,7 +265,7 @@ def _as_id(value: Any) -> int | None:
     return None
 
 
-class PromptLayerStandIn:
+class PromptLayerStandIn(LoopbackServer):
     """The stand-in served on 127.0.0.1; everything it saw survives `stop()`/`start()` on the same port.
 
     Fault knobs may be changed at any time: `delay`, `fail_next`, `rate_limit`, `reset_next`,
@@ -272,8 +274,8 @@ class PromptLayerStandIn:
 
     def __init__(self, *, port: int = 0, delay: float = 0.0, keep: bool = True) -> None:
         """`keep=False` (the standalone default) keeps only the counts, for long benchmark runs."""
+        super().__init__(port=port)
         self.keep = keep
-        self.port = port
         self.received: list[Received] = []
         self.invalid_bodies: list[InvalidBody] = []
         self.expect_invalid = False
@@ -286,7 +288,6 @@ class PromptLayerStandIn:
         self._issued: set[int] = set()
         self._next_id = FIRST_ID
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
 
     # -- addresses and lifecycle
 
@@ -296,42 +297,10 @@ class PromptLayerStandIn:
             raise RuntimeError("PromptLayerStandIn has no port until start() has run")
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._runner is not None
-
-    async def start(self) -> None:
-        """Listens on 127.0.0.1 (a free port the first time, the same one after a stop)."""
-        if self._runner is not None:
-            raise RuntimeError("PromptLayerStandIn is already running")
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self.port = runner.addresses[0][1]
-        self._runner = runner
-
-    async def stop(self) -> None:
-        """Closes the listener and every open connection: clients then get "connection refused"."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-            # A few turns of the loop let in-process clients see their pooled connections closed, so
-            # their next request meets the closed listener instead of a dead keep-alive socket.
-            for _ in range(3):
-                await asyncio.sleep(0)
-
-    async def __aenter__(self) -> PromptLayerStandIn:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        return app
 
     # -- what arrived
 
