@@ -287,6 +287,35 @@ def _function(function: object) -> dict[str, Any] | None:
     return out
 
 
+def place_tools(
+    tools: object,
+    to_function: Callable[[Any], dict[str, Any] | None],
+    blueprint: Blueprint,
+    leftovers: dict[str, Any],
+) -> None:
+    """Tools the chat template can hold go to it as function tools (`to_function` says how, per API);
+    the others (built-in, custom, server tools) go to `leftovers`, the parameters, as sent."""
+    if not isinstance(tools, list):
+        return
+    kept, other = [], []
+    for tool in tools:
+        function = to_function(tool)
+        if function is None:
+            other.append(tool)
+        else:
+            kept.append({"type": "function", "function": function})
+    if kept:
+        blueprint["tools"] = kept
+    if other:
+        leftovers["tools"] = other
+
+
+def _openai_function_tool(tool: Any) -> dict[str, Any] | None:
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        return None
+    return _function(tool.get("function"))
+
+
 def _chat_template(request: Mapping[str, Any], leftovers: dict[str, Any]) -> Blueprint:
     """The chat input blueprint; what the template cannot represent goes to `leftovers` (parameters)."""
     messages = request.get("messages")
@@ -295,19 +324,7 @@ def _chat_template(request: Mapping[str, Any], leftovers: dict[str, Any]) -> Blu
         "messages": [m for m in map(chat_message, messages) if m is not None]
         if isinstance(messages, list) else [],
     }
-    tools = request.get("tools")
-    if isinstance(tools, list):
-        kept, other = [], []
-        for tool in tools:
-            function = _function(tool.get("function")) if isinstance(tool, dict) else None
-            if function is not None and tool.get("type", "function") == "function":
-                kept.append({"type": "function", "function": function})
-            else:
-                other.append(tool)
-        if kept:
-            blueprint["tools"] = kept
-        if other:
-            leftovers["tools"] = other
+    place_tools(request.get("tools"), _openai_function_tool, blueprint, leftovers)
     tool_choice = request.get("tool_choice")
     if isinstance(tool_choice, str):
         blueprint["tool_choice"] = tool_choice

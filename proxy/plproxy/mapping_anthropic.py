@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from plproxy.mapping import MAPPINGS, ApiMapping, Blueprint
+from plproxy.mapping import MAPPINGS, ApiMapping, Blueprint, place_tools
 from plproxy.mapping import _json_text as json_text
 from plproxy.mapping import _scrub as scrub
 from plproxy.mapping import _text as text_block
@@ -166,25 +166,19 @@ def _messages(request: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _custom_tool(tool: Any) -> dict[str, Any] | None:
+    """A custom tool has an input_schema (and no type, or "custom"); server tools a versioned type: None."""
+    if not (isinstance(tool, dict) and isinstance(tool.get("name"), str)
+            and isinstance(tool.get("input_schema"), dict) and tool.get("type", "custom") == "custom"):
+        return None
+    function: dict[str, Any] = {"name": tool["name"], "parameters": scrub(tool["input_schema"])}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    return function
+
+
 def _tools(request: Mapping[str, Any], blueprint: Blueprint, leftovers: dict[str, Any]) -> None:
-    tools = request.get("tools")
-    if isinstance(tools, list):
-        kept, other = [], []
-        for tool in tools:
-            # a custom tool has an input_schema (and no type, or "custom"); server tools a versioned type
-            if (isinstance(tool, dict) and isinstance(tool.get("name"), str)
-                    and isinstance(tool.get("input_schema"), dict)
-                    and tool.get("type", "custom") == "custom"):
-                function: dict[str, Any] = {"name": tool["name"], "parameters": scrub(tool["input_schema"])}
-                if isinstance(tool.get("description"), str):
-                    function["description"] = tool["description"]
-                kept.append({"type": "function", "function": function})
-            else:
-                other.append(tool)
-        if kept:
-            blueprint["tools"] = kept
-        if other:
-            leftovers["tools"] = other
+    place_tools(request.get("tools"), _custom_tool, blueprint, leftovers)
     tool_choice = request.get("tool_choice")
     if isinstance(tool_choice, dict):
         kind = tool_choice.get("type")

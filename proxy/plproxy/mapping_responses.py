@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from plproxy.mapping import MAPPINGS, ApiMapping, Blueprint, content_blocks
+from plproxy.mapping import MAPPINGS, ApiMapping, Blueprint, content_blocks, place_tools
 from plproxy.mapping import _json_text as json_text
 from plproxy.mapping import _scrub as scrub
 from plproxy.mapping import _text as text_block
@@ -182,27 +182,22 @@ def output_message(response: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return builder.messages
 
 
+def _function_tool(tool: Any) -> dict[str, Any] | None:
+    """A Responses function tool (flat: name, parameters, … beside `type`); None for built-in tools."""
+    if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("name"), str)):
+        return None
+    function: dict[str, Any] = {"name": tool["name"]}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    if isinstance(tool.get("parameters"), dict):
+        function["parameters"] = scrub(tool["parameters"])
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
+    return function
+
+
 def _tools(request: Mapping[str, Any], blueprint: Blueprint, leftovers: dict[str, Any]) -> None:
-    tools = request.get("tools")
-    if isinstance(tools, list):
-        kept, other = [], []
-        for tool in tools:
-            if (isinstance(tool, dict) and tool.get("type") == "function"
-                    and isinstance(tool.get("name"), str)):
-                function: dict[str, Any] = {"name": tool["name"]}
-                if isinstance(tool.get("description"), str):
-                    function["description"] = tool["description"]
-                if isinstance(tool.get("parameters"), dict):
-                    function["parameters"] = scrub(tool["parameters"])
-                if isinstance(tool.get("strict"), bool):
-                    function["strict"] = tool["strict"]
-                kept.append({"type": "function", "function": function})
-            else:
-                other.append(tool)
-        if kept:
-            blueprint["tools"] = kept
-        if other:
-            leftovers["tools"] = other
+    place_tools(request.get("tools"), _function_tool, blueprint, leftovers)
     tool_choice = request.get("tool_choice")
     if isinstance(tool_choice, str):
         blueprint["tool_choice"] = tool_choice
