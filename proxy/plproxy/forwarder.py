@@ -12,12 +12,15 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import Counter
+from yarl import URL
 
 from plproxy import json_bytes
 from plproxy.apis import CallKind, classify
@@ -33,7 +36,7 @@ from plproxy.errors import (
 from plproxy.mapping import credential_values
 from plproxy.metrics import Metrics
 from plproxy.pl_headers import PLHeaders, is_pl_header, parse_pl_headers
-from plproxy.record import Api, Outcome, new_log_id
+from plproxy.record import Api, LogIds, Outcome
 from plproxy.routing import Target, resolve
 from plproxy.settings import Settings
 from plproxy.sse import SSEDecoder, encode_event
@@ -120,6 +123,12 @@ class Forwarder:
         self._session = session
         self._submit = submit
         self._metrics = metrics
+        self._log_ids = LogIds()
+        # Per-call work that depends only on the request target or the route, done once: clients send
+        # the same few paths over and over. Bounded: a client sending endless distinct paths only
+        # empties the cache now and then.
+        self._targets: dict[str, _Resolved] = {}
+        self._route_metrics: dict[str, _RouteMetrics] = {}
         # Routes whose upstream refused `stream_options` (some local servers reject unknown fields):
         # their streams are forwarded untouched from then on.
         self._refuses_stream_options: set[str] = set()
@@ -132,32 +141,87 @@ class Forwarder:
             self._refuses_stream_options.add(route)
             log.warning("stream_usage_refused", extra={"fields": {"route": route, "status": status}})
 
+    def _resolve(self, raw_target: str) -> _Resolved:
+        resolved = self._targets.get(raw_target)
+        if resolved is None:
+            target = resolve(raw_target, self._routes)  # refusals raise: they are never cached
+            resolved = _Resolved(target, target.url, classify("POST", target))
+            if len(self._targets) >= _TARGET_CACHE_SIZE:
+                self._targets.clear()
+            self._targets[raw_target] = resolved
+        return resolved
+
+    def route_metrics(self, route: str) -> _RouteMetrics:
+        found = self._route_metrics.get(route)
+        if found is None:
+            found = self._route_metrics[route] = _RouteMetrics(self._metrics, route)
+        return found
+
+    def new_log_id(self) -> str:
+        return self._log_ids.next()
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"The request body is larger than {self._settings.max_body_mb} MiB (PLPROXY_MAX_BODY_MB)."
+        )
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
         perf_start = time.perf_counter()
-        target = resolve(request.raw_path, self._routes)
+        resolved = self._resolve(request.raw_path)
         pl = parse_pl_headers(request.headers.items())
-        kind = classify(request.method, target)
+        # classify() recognises only POSTs: the cached kind is the POST's
+        kind = resolved.post_kind if request.method == "POST" else None
         recorded = kind is not None and pl.log_enabled
-        too_large = PayloadTooLarge(
-            f"The request body is larger than {self._settings.max_body_mb} MiB (PLPROXY_MAX_BODY_MB)."
-        )
         declared = request.content_length
         if declared is not None and declared > self._settings.max_body_bytes:
-            raise too_large  # at once: reading up to the limit first only to refuse it costs time and memory
+            # at once: reading up to the limit only to refuse it costs time and memory
+            raise self._too_large()
         try:
             # a client that stalls mid-upload must not hold its handler for ever
             async with asyncio.timeout(self._settings.read_timeout):
                 body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise self._too_large() from None
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body did not arrive within {self._settings.read_timeout:g} s "
                 "(PLPROXY_READ_TIMEOUT)."
             ) from None
-        call = _Call(self, request, target, pl, kind if recorded else None, body, started, perf_start)
+        call = _Call(self, request, resolved, pl, kind if recorded else None, body, started, perf_start)
         return await call.run()
+
+
+_TARGET_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """A request target's upstream, its URL, and what it records when POSTed."""
+
+    target: Target
+    url: URL
+    post_kind: CallKind | None
+
+
+class _RouteMetrics:
+    """One route's labelled metric children, looked up once (a label lookup costs ~1 µs per metric)."""
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._metrics = metrics
+        self._route = route
+        self.request_duration = metrics.request_duration.labels(route)
+        self.overhead = metrics.overhead.labels(route)
+        self.upstream_ttfb = metrics.upstream_ttfb.labels(route)
+        self._requests: dict[tuple[str, str, str], Counter] = {}
+
+    def count_request(self, method: str, status_class: str, model: str) -> None:
+        key = (method, status_class, model)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._metrics.requests.labels(self._route, method, status_class, model)
+            self._requests[key] = child
+        child.inc()
 
 
 class _Call:
@@ -167,7 +231,7 @@ class _Call:
         self,
         forwarder: Forwarder,
         request: web.Request,
-        target: Target,
+        resolved: _Resolved,
         pl: PLHeaders,
         kind: CallKind | None,
         body: bytes,
@@ -176,7 +240,8 @@ class _Call:
     ) -> None:
         self.f = forwarder
         self.request = request
-        self.target = target
+        self.target = resolved.target
+        self.url = resolved.url
         self.pl = pl
         self.body = body
         self.client_body = body  # as the client sent it, when `body` is rewritten for usage injection
@@ -187,7 +252,7 @@ class _Call:
         self.capture: Capture | None = None
         if kind is not None:
             self.capture = Capture(
-                log_id=new_log_id(),
+                log_id=forwarder.new_log_id(),
                 kind=kind,
                 annotations=pl.annotations,
                 request_body=body,
@@ -259,7 +324,7 @@ class _Call:
         try:
             upstream = await self.f._session.request(
                 self.request.method,
-                self.target.url,
+                self.url,
                 headers=headers,
                 data=_request_payload(self.body),
                 allow_redirects=False,
@@ -274,8 +339,9 @@ class _Call:
             raise UpstreamUnreachable(
                 f"The upstream {self.target.route.url.origin()} could not be reached ({type(exc).__name__})."
             ) from None
-        self.upstream_wait += time.perf_counter() - sent
-        self.f._metrics.upstream_ttfb.labels(self.target.route.name).observe(time.perf_counter() - sent)
+        answered = time.perf_counter() - sent
+        self.upstream_wait += answered
+        self.f.route_metrics(self.target.route.name).upstream_ttfb.observe(answered)
         prefetched = b""
         try:
             if self.injection is not None and upstream.status in (400, 422):
@@ -440,28 +506,33 @@ class _Call:
         f = self.f
         total = time.perf_counter() - self.perf_start
         route = self.target.route.name
-        status_class = f"{status // 100}xx" if status else "none"
-        model = f._metrics.model_label(self.model)
-        f._metrics.requests.labels(route, self.request.method, status_class, model).inc()
-        f._metrics.request_duration.labels(route).observe(total)
-        f._metrics.overhead.labels(route).observe(max(total - self.upstream_wait, 0.0))
-        fields = {
-            "log_id": self.log_id,
-            "method": self.request.method,
-            "route": route,
-            "path": self.target.path,
-            "status": status,
-            "duration_ms": round(total * 1000, 3),
-            "upstream_ms": round(self.upstream_wait * 1000, 3),
-            "model": self.model,
-        }
+        status_class = (_STATUS_CLASSES.get(status // 100) or f"{status // 100}xx") if status else "none"
+        metrics = f.route_metrics(route)
+        metrics.count_request(self.request.method, status_class, f._metrics.model_label(self.model))
+        metrics.request_duration.observe(total)
+        metrics.overhead.observe(max(total - self.upstream_wait, 0.0))
+        # The line is built only when the access log is on (`info`): at `warning` it would be dropped.
+        fields = None
+        if log.isEnabledFor(logging.INFO):
+            fields = {
+                "log_id": self.log_id,
+                "method": self.request.method,
+                "route": route,
+                "path": self.target.path,
+                "status": status,
+                "duration_ms": round(total * 1000, 3),
+                "upstream_ms": round(self.upstream_wait * 1000, 3),
+                "model": self.model,
+            }
         if self.capture is not None:
             # the call's log line is written with its tokens once the record is built, off the loop
             self.capture.end_time = time.time()
             self.capture.call_log = fields
             f._submit(self.capture, self.pl.api_key, self.pl)
-        else:
+        elif fields is not None:
             log.info("call", extra={"fields": fields})
+
+_STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
 
 __all__ = ["HOP_BY_HOP", "BadRequest", "Forwarder", "client_response_headers", "upstream_request_headers"]

@@ -195,10 +195,11 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
                 count_tokens(metrics, payload)
                 return payload
             finally:
-                fields = dict(capture.call_log or {})
-                fields["input_tokens"] = payload.get("input_tokens")
-                fields["output_tokens"] = payload.get("output_tokens")
-                log_call.info("call", extra={"fields": fields})
+                if capture.call_log is not None:  # None: the access log is off
+                    fields = dict(capture.call_log)
+                    fields["input_tokens"] = payload.get("input_tokens")
+                    fields["output_tokens"] = payload.get("output_tokens")
+                    log_call.info("call", extra={"fields": fields})
 
         store.submit(capture.log_id, build, api_key=api_key, followups=control_api.header_followups(pl))
 
