@@ -146,9 +146,10 @@ class Forwarder:
         if resolved is None:
             target = resolve(raw_target, self._routes)  # refusals raise: they are never cached
             resolved = _Resolved(target, target.url, classify("POST", target))
-            if len(self._targets) >= _TARGET_CACHE_SIZE:
-                self._targets.clear()
-            self._targets[raw_target] = resolved
+            if len(raw_target) <= _CACHED_TARGET_MAX_CHARS:  # long targets (query strings) are rare
+                if len(self._targets) >= _TARGET_CACHE_SIZE:
+                    self._targets.clear()
+                self._targets[raw_target] = resolved
         return resolved
 
     def route_metrics(self, route: str) -> _RouteMetrics:
@@ -193,6 +194,7 @@ class Forwarder:
 
 
 _TARGET_CACHE_SIZE = 1024
+_CACHED_TARGET_MAX_CHARS = 512  # at most ~0.5 MB of keys
 
 
 @dataclass(frozen=True, slots=True)
