@@ -402,7 +402,7 @@ async def test_prompt_label_and_group_become_follow_ups(
     assert body["prompt_name"] == "greeter"
     assert "prompt_version_number" not in body
     request_id = pl_id_of(promptlayer, log_id)
-    prompt = await eventually(lambda: promptlayer.followups("track-prompt"), what="track-prompt")
+    prompt = await eventually(lambda: promptlayer.followups("track-prompt") or None, what="track-prompt")
     assert prompt == [
         {
             "request_id": request_id,
@@ -411,7 +411,7 @@ async def test_prompt_label_and_group_become_follow_ups(
             "prompt_input_variables": {"name": "Ada"},
         }
     ]
-    group = await eventually(lambda: promptlayer.followups("track-group"), what="track-group")
+    group = await eventually(lambda: promptlayer.followups("track-group") or None, what="track-group")
     assert group == [{"request_id": request_id, "group_id": 4242}]
 
 
@@ -494,7 +494,7 @@ async def test_follow_up_endpoints(
     await record_for(promptlayer, log_id)
     request_id = pl_id_of(promptlayer, log_id)
     for _kind, _sent, path, expected in FOLLOWUPS:
-        arrived = await eventually(lambda path=path: promptlayer.followups(path), what=path)
+        arrived = await eventually(lambda path=path: promptlayer.followups(path) or None, what=path)
         assert arrived == [{"request_id": request_id, **expected}]
 
 
