@@ -476,6 +476,14 @@ class _Call:
                 capture.stream_done = True
                 out.append(event.raw)
                 continue
+            raw = event.raw
+            if raw.endswith(_NULL_USAGE_EVENT_END) and data.startswith("{") and event.event is None:
+                # Nearly every chunk of an injected stream: `"usage":null` is its object's last member
+                # (the final `}` of valid JSON closes the top-level object), so cutting those bytes out
+                # is what `client_view` does, without parsing and re-encoding the chunk.
+                capture.add_event(data, len(raw))
+                out.append(raw[: -len(_NULL_USAGE_EVENT_END)] + b"}\n\n")
+                continue
             try:
                 parsed = orjson.loads(data) if data else None
             except orjson.JSONDecodeError:
@@ -535,6 +543,8 @@ class _Call:
             log.info("call", extra={"fields": fields})
 
 _STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+# How an injected stream's chunk ends on the wire when the upstream added `"usage": null` to it.
+_NULL_USAGE_EVENT_END = b',"usage":null}\n\n'
 
 
 __all__ = ["HOP_BY_HOP", "BadRequest", "Forwarder", "client_response_headers", "upstream_request_headers"]
