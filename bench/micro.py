@@ -173,6 +173,8 @@ def results() -> list[tuple[str, Any]]:
     item("store: submit + commit, process CPU per record (batches of 1)", lambda: _store(1))
     item("store: submit + commit, process CPU per record (batches of 50)", lambda: _store(50))
     item("store: claim_due(8) + mark_exported each, process CPU per record", _claim_mark)
+    item("exporter POST + 201 answer, aiohttp session (old), process CPU", lambda: _export_post("aiohttp"))
+    item("exporter POST + 201 answer, pl_http (new), process CPU", lambda: _export_post("pl_http"))
     return out
 
 
@@ -260,6 +262,101 @@ def _claim_mark() -> float:
             return (time.process_time() - t0) / max(1, done) * 1e6
         finally:
             store.close()
+
+
+# A PromptLayer stand-in that costs the measured process nothing: another process answering each POST
+# with a canned 201 on a keep-alive connection.
+_FAST_PROMPTLAYER = r"""
+import asyncio, sys
+BODY = b'{"id": 1, "prompt_version": null, "status": 1}'
+ANSWER = (b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+          b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nServer: fast\r\n\r\n%s" % (len(BODY), BODY))
+class P(asyncio.Protocol):
+    def connection_made(self, t): self.t, self.buf = t, b""
+    def data_received(self, data):
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            n = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            if len(self.buf) < end + 4 + n:
+                return
+            self.buf = self.buf[end + 4 + n:]
+            self.t.write(ANSWER)
+async def main():
+    server = await asyncio.get_running_loop().create_server(P, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"""
+
+
+def _export_post(client: str) -> float:
+    """Process CPU of one exporter call (POST of a chat record, 201 answer read), one at a time on uvloop;
+    the server runs in another process."""
+    import subprocess
+
+    import aiohttp
+    import orjson
+    import uvloop
+
+    from plproxy.pl_http import PromptLayerHTTP
+
+    body = orjson.dumps(_capture(False).build_payload())
+    key = "pl_bench_not_a_real_key"
+    n = 3000
+    server = subprocess.Popen(
+        [sys.executable, "-c", _FAST_PROMPTLAYER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        base = f"http://127.0.0.1:{int(server.stdout.readline())}"
+
+        async def old() -> float:
+            timeout = aiohttp.ClientTimeout(total=30)
+            headers = {"X-API-KEY": key, "Content-Type": "application/json"}
+            jar = aiohttp.DummyCookieJar()
+            async with aiohttp.ClientSession(cookie_jar=jar, trust_env=False) as session:
+
+                async def one() -> None:
+                    url = base + "/log-request"
+                    post = session.post(
+                        url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                    )
+                    async with post as response:
+                        response.headers.get("Retry-After")
+                        orjson.loads(await response.read())
+
+                return await _cpu_rounds(one, n)
+
+        async def new() -> float:
+            http = PromptLayerHTTP(base, timeout=30)
+            try:
+
+                async def one() -> None:
+                    answer = await http.post("/log-request", body, key)
+                    answer.headers.get("retry-after")
+                    orjson.loads(answer.body)
+
+                return await _cpu_rounds(one, n)
+            finally:
+                http.close()
+
+        return uvloop.run(old() if client == "aiohttp" else new())
+    finally:
+        server.communicate("")
+
+
+async def _cpu_rounds(one: Callable[[], Any], n: int) -> float:
+    for _ in range(200):  # warm up: connection, caches
+        await one()
+    best = float("inf")
+    for _ in range(5):
+        gc.collect()
+        t0 = time.process_time()
+        for _ in range(n):
+            await one()
+        best = min(best, (time.process_time() - t0) / n * 1e6)
+    return best
 
 
 def main() -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from plproxy.exporter import Exporter, _parse_retry_after
@@ -23,12 +21,6 @@ from tests.test_store import log_payload
 
 DEFAULT_KEY = "pl_default_key_5f3c9a1e7b2d4c6a"
 TENANT_KEY = "pl_tenant_key_9e8d7c6b5a4f3e2d"
-
-
-@pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def open_store(tmp_path: Path, metrics: Metrics):  # type: ignore[no-untyped-def
 
 
 @pytest.fixture
-def make_exporter(session: aiohttp.ClientSession, promptlayer: PromptLayerStandIn, metrics: Metrics):  # type: ignore[no-untyped-def]
+def make_exporter(promptlayer: PromptLayerStandIn, metrics: Metrics):  # type: ignore[no-untyped-def]
     exporters: list[Exporter] = []
 
     def factory(store: Store, **kwargs: Any) -> Exporter:
@@ -65,7 +57,7 @@ def make_exporter(session: aiohttp.ClientSession, promptlayer: PromptLayerStandI
             "metrics": metrics,
         }
         options.update(kwargs)
-        exporter = Exporter(store, session, **options)
+        exporter = Exporter(store, **options)
         exporters.append(exporter)
         return exporter
 

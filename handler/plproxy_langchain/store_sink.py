@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-import aiohttp
 import orjson
 
 from plproxy.exporter import Exporter
@@ -40,7 +39,6 @@ class StoreSink(SinkBase):
         self.spec = spec
         self.store: Store | None = None
         self._exporter: Exporter | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._backlog: list[Any] = []  # what arrived while the store was opening
         self._broken = False
 
@@ -104,8 +102,7 @@ class StoreSink(SinkBase):
                       "PLPROXY_URL): records are kept in the local store; `plproxy logs` shows them",
                       data_dir=spec.data_dir)
         else:
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
-            self._exporter = Exporter(store, self._session, base_url=spec.base_url,
+            self._exporter = Exporter(store, base_url=spec.base_url,
                                       default_api_key=spec.api_key, on_exported=self._deliver)
             self._spawn(self._exporter.run())
             self._spawn(self._sweep())
@@ -158,8 +155,6 @@ class StoreSink(SinkBase):
         if self._exporter is not None:
             await self._exporter.stop()
         await self._cancel_tasks()
-        if self._session is not None:
-            await self._session.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close, max(0.5, end - loop.time()))
 

@@ -35,9 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import io
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import deque
@@ -46,10 +46,11 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Final, Literal, TypeVar
 
-import aiohttp
 import orjson
+from prometheus_client import Counter, Histogram
 
 from plproxy.metrics import Metrics
+from plproxy.pl_http import ConnectionFailed, InvalidHeaderValue, PromptLayerHTTP, RequestTimeout
 from plproxy.store import Claim, FollowupClaim, Store, redact
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,14 @@ class _Answer:
 
 
 class Exporter:
-    """Background shipping of the store's records to PromptLayer. `run()` as a task, `stop()` at the end."""
+    """Background shipping of the store's records to PromptLayer. `run()` as a task, `stop()` at the end.
+
+    The exporter owns its HTTP client (`pl_http.PromptLayerHTTP`): its connections are closed when `run()`
+    ends, by `stop()`, and at the end of a `flush()` made while `run()` is not running."""
 
     def __init__(
         self,
         store: Store,
-        session: aiohttp.ClientSession,
         *,
         base_url: str,
         default_api_key: str | None,
@@ -109,24 +112,28 @@ class Exporter:
         max_retry_after: float = 3600.0,
         metrics: Metrics | None = None,
         on_exported: Callable[[str, int], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
         if batch_size < 1 or concurrency < 1:
             raise ValueError("batch_size and concurrency must be at least 1")
         self.store = store
-        self._session = session
-        self._base_url = base_url.rstrip("/")
+        self._http = PromptLayerHTTP(
+            base_url.rstrip("/"), timeout=request_timeout, max_idle=concurrency, ssl_context=ssl_context
+        )
         self._default_key = default_api_key or None
         self._batch_size = batch_size
         self._concurrency = concurrency
         self._max_backoff = max_backoff
         self._base_backoff = base_backoff
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._timeout_error = f"no answer from PromptLayer within {request_timeout}s"
         self._lease_seconds = request_timeout + _LEASE_MARGIN
         self._poll_interval = poll_interval
         self._max_retry_after = max_retry_after
         self._metrics = metrics
+        self._latency: dict[str, Histogram] = {}  # labelled children, by endpoint
+        self._responses: dict[tuple[str, str], Counter] = {}  # ... by (endpoint, status)
         self._on_exported = on_exported
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,7 +210,10 @@ class Exporter:
         finally:
             self.store.remove_commit_listener(self.wake)
             self._run_task = None
-            await self._abandon_inflight()
+            try:
+                await self._abandon_inflight()
+            finally:
+                self._http.close()
 
     async def flush(self, deadline_seconds: float) -> FlushReport:
         """Send everything due before the deadline now, records submitted to the store but not yet
@@ -247,6 +257,9 @@ class Exporter:
                 still_pending = await asyncio.to_thread(self.store.backlog)
         except TimeoutError:
             deadline_reached = True
+        finally:
+            if self._run_task is None:  # nobody else will use the connections
+                self._http.close()
         return FlushReport(
             exported=self.exported_count - exported0,
             failed=self.failed_count - failed0,
@@ -263,7 +276,10 @@ class Exporter:
             # `_stopping` ends the loop anyway should the cancel be lost
             task.cancel()
             await asyncio.wait([task])
-        await self._abandon_inflight()
+        try:
+            await self._abandon_inflight()
+        finally:
+            self._http.close()
 
     # ---- claiming --------------------------------------------------------------------------------
 
@@ -561,48 +577,51 @@ class Exporter:
         secrets = (key, own_key, self._default_key)
         if key is None:
             return _Answer("retry", error="no PromptLayer API key for this record")
-        headers = {"X-API-KEY": key, "Content-Type": "application/json"}
         started = time.monotonic()
         status_label = "error"
         try:
-            async with self._session.post(
-                self._base_url + path,
-                # a file object above 1 MiB: aiohttp writes it in chunks instead of warning about one write
-                data=io.BytesIO(body) if len(body) > 1024 * 1024 else body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-                status_label = str(status)
-                retry_after = response.headers.get("Retry-After")
-                text = await response.read()
-        except TimeoutError:
+            answer = await self._http.post(path, body, key)
+            status = answer.status
+            status_label = str(status)
+            retry_after = answer.headers.get("retry-after")
+            text = answer.body
+        except RequestTimeout:
             status_label = "timeout"
-            return _Answer("retry", error=f"no answer from PromptLayer within {self._timeout.total}s")
-        except (aiohttp.ClientError, OSError) as exc:
+            return _Answer("retry", error=self._timeout_error)
+        except ConnectionFailed as exc:  # refused, reset, TLS, or an answer that is not HTTP
             message = redact(str(exc), *secrets)[:ERROR_MAX_CHARS]
             return _Answer("retry", error=f"cannot reach PromptLayer: {type(exc).__name__}: {message}")
-        except ValueError:  # aiohttp refuses a header value (a key with a newline): it can never work
+        except InvalidHeaderValue:  # a key with a newline or beyond latin-1: it can never work
             return _Answer("fail", error="the API key is not a valid HTTP header value")
         finally:
             if self._metrics is not None:
-                self._metrics.export_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
-                self._metrics.promptlayer_responses.labels(endpoint=endpoint, status=status_label).inc()
-        answer_text = redact(text.decode("utf-8", "replace"), *secrets)
+                self._observe(self._metrics, endpoint, status_label, time.monotonic() - started)
         if 200 <= status < 300:
             try:
                 return _Answer("ok", data=orjson.loads(text))
             except orjson.JSONDecodeError:
+                answer_text = redact(text.decode("utf-8", "replace"), *secrets)
                 return _Answer(
                     "retry", error=f"PromptLayer answered {status} but not JSON: {answer_text[:200]}"
                 )
+        answer_text = redact(text.decode("utf-8", "replace"), *secrets)
         error = f"PromptLayer answered {status}: {answer_text}"[:ERROR_MAX_CHARS]
         if status == 429:
             return _Answer("retry", error=error, retry_after=_parse_retry_after(retry_after))
         if status >= 500 or status == 408 or status < 400:
             return _Answer("retry", error=error)
         return _Answer("fail", error=error)
+
+    def _observe(self, metrics: Metrics, endpoint: str, status: str, seconds: float) -> None:
+        latency = self._latency.get(endpoint)
+        if latency is None:
+            latency = self._latency[endpoint] = metrics.export_latency.labels(endpoint=endpoint)
+        latency.observe(seconds)
+        responses = self._responses.get((endpoint, status))
+        if responses is None:
+            responses = metrics.promptlayer_responses.labels(endpoint=endpoint, status=status)
+            self._responses[endpoint, status] = responses
+        responses.inc()
 
     def _retry_at(self, answer: _Answer, attempts: int) -> float:
         """Epoch time of the next attempt; a Retry-After also pauses the whole exporter until then."""

@@ -10,7 +10,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-import aiohttp
 import orjson
 
 from plproxy.exporter import Exporter
@@ -117,16 +116,14 @@ async def _flush(settings: Settings, store: Store, deadline: float, out: TextIO)
         hint = f"; {kept} kept record(s) wait for PROMPTLAYER_API_KEY" if kept else ""
         out.write(f"nothing to send{hint}\n")
         return 0
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
-        exporter = Exporter(
-            store,
-            session,
-            base_url=str(settings.promptlayer_base_url),
-            default_api_key=settings.promptlayer_api_key,
-            concurrency=settings.export_concurrency,
-        )
-        report = await exporter.flush(deadline)
-        await exporter.stop()
+    exporter = Exporter(
+        store,
+        base_url=str(settings.promptlayer_base_url),
+        default_api_key=settings.promptlayer_api_key,
+        concurrency=settings.export_concurrency,
+    )
+    report = await exporter.flush(deadline)
+    await exporter.stop()
     left = report.still_pending if report.still_pending is not None else "unknown"
     out.write(
         f"exported {report.exported}, failed {report.failed}, still pending {left}"

@@ -175,10 +175,8 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     store = open_store(settings, metrics)
     app[STORE] = store
-    pl_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
-    exporter = Exporter(
+    exporter = Exporter(  # it owns its PromptLayer connections: closed by stop() and flush()
         store,
-        pl_session,
         base_url=str(settings.promptlayer_base_url),
         default_api_key=settings.promptlayer_api_key,
         concurrency=settings.export_concurrency,
@@ -213,5 +211,4 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     if settings.promptlayer_api_key is not None or backlog > 0:
         report = await exporter.flush(settings.flush_timeout)
         log.info("flushed", extra={"fields": dataclasses.asdict(report)})
-    await pl_session.close()
     await asyncio.to_thread(store.close)
