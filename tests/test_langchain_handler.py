@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 import tracemalloc
 import uuid
@@ -651,8 +652,6 @@ async def test_ten_thousand_runs_leave_no_state_behind(
 @pytest.fixture
 def no_stray_threads() -> Iterator[None]:
     yield
-    import threading
-
     assert not [t for t in threading.enumerate() if t.name == "plproxy-langchain"]
 
 
@@ -738,3 +737,107 @@ async def test_a_chain_gives_one_record_whose_parent_is_the_chain_run(
     [record] = promptlayer.log_requests  # the chain and the prompt template are not model calls
     assert meta(record)["_langchain_parent_run_id"] == str(chain_run)
     assert record["input"]["messages"][0]["content"] == [{"type": "text", "text": "You name companys."}]
+
+
+# --- hand-off: runs reach the loop in batches ------------------------------------------------------
+
+async def test_a_burst_from_several_threads_all_arrives_and_flush_waits_for_it(
+    env: Path, promptlayer: PromptLayerStandIn
+) -> None:
+    ids: list[int] = []
+    handler = PromptLayerCallbackHandler(pl_tags=TAGS, pl_id_callback=ids.append)
+    llm = FakeListLLM(responses=["r"])
+    threads, per_thread = 4, 60
+    scores: list[bool] = []
+
+    def burst(n: int) -> None:
+        for i in range(n):
+            run_id = uuid.uuid4()
+            llm.invoke(f"p{i}", config={"callbacks": [handler], "run_id": run_id})
+            if i % 20 == 0:  # a follow-up by run id, queued right behind its record
+                scores.append(handler.track_score(run_id, 42))
+
+    def burst_then_flush() -> bool:
+        workers = [threading.Thread(target=burst, args=(per_thread,)) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return handler.flush(30)  # no sleep first: flush itself takes what the loop has not yet
+
+    assert await asyncio.to_thread(burst_then_flush)
+    records = promptlayer.log_requests
+    assert len(records) == threads * per_thread
+    assert len({meta(r)["_langchain_run_id"] for r in records}) == threads * per_thread
+    assert sorted(ids) == promptlayer.accepted_ids
+    assert scores == [True] * (threads * per_thread // 20)
+    assert len(promptlayer.followups("track-score")) == len(scores)
+
+
+async def test_flush_right_after_submitting_takes_the_queued_runs(
+    env: Path, promptlayer: PromptLayerStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROMPTLAYER_API_KEY")  # kept in the store: counted there, nothing to wait for
+    handler = PromptLayerCallbackHandler(pl_tags=TAGS)
+    llm = FakeListLLM(responses=["r"])
+    llm.invoke("warm", config={"callbacks": [handler]})
+    assert await handler.aflush(10)
+    found = REGISTRY.existing(handler._destination)
+    assert found is not None
+    runtime, sink = found
+    # Hold the loop so that the runs pile up in the inbox, woken once, and are not taken yet.
+    release = threading.Event()
+    runtime.call_soon(release.wait, 10)
+    for _ in range(100):
+        llm.invoke("p", config={"callbacks": [handler]})
+    assert len(sink._inbox) == 100  # type: ignore[attr-defined]
+    flushed = asyncio.create_task(handler.aflush(10))
+    release.set()
+    assert await flushed
+    assert len(sink._inbox) == 0  # type: ignore[attr-defined]
+    await asyncio.to_thread(plproxy_langchain.shutdown, 5)
+    store = Store(env, has_default_key=False)
+    try:
+        assert store.counts()["kept"] == 101
+    finally:
+        store.close()
+
+
+BURST_EXIT_SCRIPT = """
+import os, sys
+from langchain_core.language_models import FakeListLLM
+import plproxy_langchain
+from plproxy_langchain import PromptLayerCallbackHandler
+
+handler = PromptLayerCallbackHandler(pl_tags=[sys.argv[1]])
+llm = FakeListLLM(responses=["bye"])
+for _ in range(100):
+    llm.invoke("p", config={"callbacks": [handler]})
+if sys.argv[1] == "fork":
+    plproxy_langchain.shutdown()  # as the docs ask before os.fork()
+    pid = os.fork()
+    for _ in range(100):  # parent and child each: the child starts its own background
+        llm.invoke("p", config={"callbacks": [handler]})
+    if pid:
+        assert os.waitpid(pid, 0)[1] == 0
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exit", "fork"])
+async def test_a_burst_just_before_exit_or_fork_is_all_recorded(
+    env: Path, promptlayer: PromptLayerStandIn, mode: str
+) -> None:
+    import os
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BURST_EXIT_SCRIPT, mode, env=dict(os.environ),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, output.decode()
+    expected = 100 if mode == "exit" else 300
+    records = promptlayer.log_requests
+    assert len(records) == expected, output.decode()
+    assert len({meta(r)["_langchain_run_id"] for r in records}) == expected

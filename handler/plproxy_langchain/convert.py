@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -107,22 +108,33 @@ def model_name(invocation_params: Mapping[str, Any], run_metadata: Mapping[str, 
     return llm_type if isinstance(llm_type, str) and llm_type else "unknown"
 
 
+@functools.lru_cache(maxsize=4096)  # parameter and metadata names repeat from record to record
 def _is_credential(key: str) -> bool:
     norm = key.lower().translate(_KEY_NORMALISE)
     return is_credential_key(key) or norm.endswith(_EXTRA_CREDENTIAL_SUFFIXES)
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SECRET_TYPES = frozenset({"SecretStr", "SecretBytes"})
+
+
 def plain_json(value: Any, depth: int = 0) -> Any:
     """`value` as plain JSON: credential-named keys and secret objects dropped, unknown objects named."""
-    if value is None or isinstance(value, bool | int | float | str):
+    kind = type(value)
+    if kind in _SCALARS:  # the common cases first, by exact type: this runs for every value of a record
+        return value
+    if kind is dict and depth <= _MAX_DEPTH:
+        return _plain_mapping(value, depth)
+    if (kind is list or kind is tuple) and depth <= _MAX_DEPTH:
+        return [plain_json(v, depth + 1) for v in value if type(v) in _SCALARS or not _is_secret(v)]
+    if isinstance(value, bool | int | float | str):
         return value
     if depth > _MAX_DEPTH:
         return "<nested too deep>"
     if isinstance(value, enum.Enum):
         return plain_json(value.value, depth + 1)
     if isinstance(value, Mapping):
-        return {str(k): plain_json(v, depth + 1) for k, v in value.items()
-                if not _is_credential(str(k)) and not _is_secret(v)}
+        return _plain_mapping(value, depth)
     if isinstance(value, list | tuple | set | frozenset):
         return [plain_json(v, depth + 1) for v in value if not _is_secret(v)]
     model_dump = getattr(value, "model_dump", None)  # pydantic models (tool schemas, response formats)
@@ -133,8 +145,17 @@ def plain_json(value: Any, depth: int = 0) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _plain_mapping(value: Mapping[Any, Any], depth: int) -> dict[str, Any]:
+    out = {}
+    for k, v in value.items():
+        key = k if type(k) is str else str(k)
+        if not _is_credential(key) and (type(v) in _SCALARS or not _is_secret(v)):
+            out[key] = plain_json(v, depth + 1)
+    return out
+
+
 def _is_secret(value: Any) -> bool:
-    return type(value).__name__ in ("SecretStr", "SecretBytes")
+    return type(value).__name__ in _SECRET_TYPES
 
 
 def clean_parameters(invocation_params: Mapping[str, Any]) -> dict[str, Any]:

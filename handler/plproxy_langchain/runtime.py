@@ -43,6 +43,7 @@ class Sink(Protocol):
     """Where finished runs go: the local store and exporter, or a sidecar. Loop-side methods are async."""
 
     def submit(self, item: Any) -> None: ...
+    def drain(self) -> None: ...
     def followup(self, log_id: str, kind: str, body: dict[str, Any]) -> None: ...
     def log_id_of_request(self, pl_id: int) -> str | None: ...
     async def flush(self, seconds: float) -> bool: ...
@@ -208,7 +209,7 @@ class Registry:
             return False
         deadline = time.monotonic() + max(0.0, timeout)
         try:
-            ok = runtime.run(sink.flush(max(0.0, deadline - time.monotonic())), timeout + 0.5)
+            ok = runtime.run(_flush(sink, max(0.0, deadline - time.monotonic())), timeout + 0.5)
         except (TimeoutError, RuntimeError):
             ok = False
         return runtime.callbacks.drain(deadline - time.monotonic()) and ok
@@ -264,11 +265,16 @@ class Registry:
         atexit.register(self._at_exit)
 
 
+async def _flush(sink: Sink, seconds: float) -> bool:
+    sink.drain()  # what callers handed over before the flush, even if its wake-up is still queued
+    return await sink.flush(seconds)
+
+
 async def _close_all(sinks: list[Sink], seconds: float) -> bool:
     async def one(sink: Sink) -> bool:
         start = time.monotonic()
         try:
-            ok = await sink.flush(seconds)
+            ok = await _flush(sink, seconds)
         except Exception:
             log.exception("plproxy_langchain_flush_failed")
             ok = False

@@ -47,6 +47,13 @@ class Outgoing:
     followups: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Followup:
+    log_id: str
+    kind: str
+    body: dict[str, Any]
+
+
 def workspace_dir(data_dir: str, api_key: str | None, base_url: str) -> str:
     """A data dir of its own for a key/URL other than the environment's, so a store file never mixes
     records of two PromptLayer workspaces (an exporter sends what it claims with its own key)."""
@@ -76,6 +83,10 @@ class _KnownIds:
 
 
 class SinkBase:
+    """What both destinations share. Callers hand records and follow-ups over through `_inbox`, in
+    order; the loop takes the whole inbox at once (`drain`), woken by one `call_soon_threadsafe` per
+    batch rather than per record: a caller wakes the loop only when no wake-up is pending already."""
+
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._known = _KnownIds()
@@ -83,18 +94,49 @@ class SinkBase:
         self._waiting: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()
         self._opened: asyncio.Future[bool] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._inbox: collections.deque[Outgoing | _Followup] = collections.deque()
+        self._wake_pending = False
 
     # caller's side
     def submit(self, item: Outgoing) -> None:
-        if not self._runtime.call_soon(self._accept, item):
-            warn_once("runtime_closed", "plproxy_langchain's background thread has stopped; a record is lost")
+        self._inbox.append(item)
+        if not self._wake_pending:
+            self._wake_loop()
 
     def followup(self, log_id: str, kind: str, body: dict[str, Any]) -> None:
-        if not self._runtime.call_soon(self._accept_followup, log_id, kind, body):
-            warn_once("runtime_closed", "plproxy_langchain's background thread has stopped; a record is lost")
+        self._inbox.append(_Followup(log_id, kind, body))  # behind the records submitted before it
+        if not self._wake_pending:
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        # `drain` clears the flag before it takes the inbox, so an item appended while the flag was
+        # still set is taken by that drain; two threads both waking the loop only costs an empty drain.
+        self._wake_pending = True
+        if not self._runtime.call_soon(self.drain):
+            self._wake_pending = False
+            lost = len(self._inbox)
+            self._inbox.clear()
+            warn_once("runtime_closed", "plproxy_langchain's background thread has stopped; records are lost",
+                      count=lost)
 
     def log_id_of_request(self, pl_id: int) -> str | None:
         return self._known.get(pl_id)
+
+    # loop side
+    def drain(self) -> None:
+        """Take everything callers have handed over so far (loop thread; a flush starts with it)."""
+        self._wake_pending = False
+        inbox = self._inbox
+        for _ in range(len(inbox)):  # only what is there now: callers may append meanwhile
+            entry = inbox.popleft()
+            try:
+                if isinstance(entry, Outgoing):
+                    self._accept(entry)
+                else:
+                    self._accept_followup(entry.log_id, entry.kind, entry.body)
+            except Exception as exc:  # one bad entry must not cost the others theirs
+                warn_once("accept_failed", "plproxy_langchain could not queue a record",
+                          error_type=type(exc).__name__, error=str(exc)[:300])
 
     @property
     def waiting(self) -> int:

@@ -8,6 +8,7 @@ Responses API or Anthropic Messages means adding an entry, not touching the chat
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -67,6 +68,7 @@ _DEFAULT_ERROR_MESSAGE = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # the same few names come back in every record
 def is_credential_key(key: str) -> bool:
     """True when a key's name says it holds a credential (`api_key`, `X-Api-Key`, `client_secret`, …)."""
     norm = key.lower().translate(_KEY_NORMALISE)
