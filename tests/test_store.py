@@ -678,3 +678,53 @@ def test_no_log_line_holds_a_key(tmp_path: Path, caplog) -> None:  # type: ignor
         assert KEY not in (s.get("b").error or "")  # type: ignore[union-attr]
     finally:
         s.close()
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> None:
+    store = Store(tmp_path, has_default_key=True)
+    store.submit("older", lambda: log_payload(1))
+    assert store.sync()
+    store.close()
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    # what version 1 looked like: the due index without `created`
+    conn.execute("DROP INDEX records_due")
+    conn.execute("CREATE INDEX records_due ON records (state, next_attempt)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    store = Store(tmp_path, has_default_key=True)
+    try:
+        assert [c.log_id for c in store.claim_due(10)] == ["older"]
+    finally:
+        store.close()
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    columns = [row[2] for row in conn.execute("PRAGMA index_info(records_due)")]
+    assert columns == ["state", "next_attempt", "created"]
+    conn.close()
+
+
+def test_a_claim_reads_the_backlog_in_index_order_without_sorting_it(tmp_path: Path) -> None:
+    # A claim that sorted every pending record cost time in proportion to the backlog: at saturation,
+    # with thousands waiting, each claim of 8 read all of them.
+    store = Store(tmp_path, has_default_key=True)
+    try:
+        conn = sqlite3.connect(tmp_path / DB_FILENAME)
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT log_id FROM records WHERE state = 'pending'"
+            " AND next_attempt <= ? AND lease_until <= ? ORDER BY next_attempt, created LIMIT ?",
+            (0, 0, 8),
+        ).fetchall()
+        conn.close()
+        details = " / ".join(str(row[3]) for row in plan)
+        assert "records_due" in details
+        assert "TEMP B-TREE" not in details, details
+        for n in range(30):
+            store.submit(f"r{n:02d}", lambda n=n: log_payload(n))
+            if n % 10 == 9:
+                assert store.sync()
+        claimed = [c.log_id for c in store.claim_due(30)]
+        assert claimed == [f"r{n:02d}" for n in range(30)]  # oldest first
+    finally:
+        store.close()

@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 
 DB_FILENAME: Final = "plproxy.db"
 OWNERS_DIRNAME: Final = "owners"  # one locked file per open store: proof that its leases are alive
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 STATES: Final = ("pending", "kept", "exported", "failed")
 FOLLOWUP_KINDS: Final = frozenset({"score", "metadata", "prompt", "group"})
 DEFAULT_MAX_BYTES: Final = 1024 * 1024 * 1024
@@ -276,7 +276,9 @@ CREATE TABLE records (
     pl_id         INTEGER,
     error         TEXT
 );
-CREATE INDEX records_due ON records (state, next_attempt);
+-- `created` in the index lets a claim (`ORDER BY next_attempt, created LIMIT n`) read n rows in order;
+-- without it every claim sorted the whole backlog (schema version 1).
+CREATE INDEX records_due ON records (state, next_attempt, created);
 CREATE INDEX records_created ON records (created);
 CREATE INDEX records_prunable ON records (state, created) WHERE payload IS NOT NULL;
 CREATE TABLE followups (
@@ -297,6 +299,15 @@ CREATE INDEX followups_log ON followups (log_id, state, id);
 CREATE INDEX followups_due ON followups (state, next_attempt);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 """
+
+# _MIGRATIONS[v - 1] takes a store of schema version v to v + 1, in the transaction that opens it.
+_MIGRATIONS: Final = (
+    # 1 → 2: claims read the backlog in index order instead of sorting all of it
+    (
+        "DROP INDEX records_due",
+        "CREATE INDEX records_due ON records (state, next_attempt, created)",
+    ),
+)
 
 # Clears a record's own key once nothing is left to send with it.
 _FORGET_KEY = """
@@ -419,7 +430,11 @@ class Store:
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                # later versions: `if version < 2: ...` here, each step in this transaction
+                elif version < SCHEMA_VERSION:
+                    for step in _MIGRATIONS[version - 1 :]:
+                        for statement in step:
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.OperationalError as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
