@@ -416,6 +416,51 @@ async def test_per_record_key_goes_in_the_header_only(  # type: ignore[no-untype
     assert TENANT_KEY.encode() not in (tmp_path / DB_FILENAME).read_bytes()
 
 
+async def test_a_key_that_is_no_header_value_fails_its_record_and_sends_nothing(  # type: ignore[no-untyped-def]
+    open_store, make_exporter, promptlayer
+) -> None:
+    store = open_store()
+    exporter = make_exporter(store)
+    submit(store, "bad", api_key="pl_key\r\nX-Injected: yes")
+    submit(store, "good")
+    await running(exporter)
+    try:
+        await wait_state(store, "bad", "failed")
+        await wait_state(store, "good", "exported")
+    finally:
+        await exporter.stop()
+    assert store.get("bad").error == "the API key is not a valid HTTP header value"  # type: ignore[union-attr]
+    assert arrived_ids(promptlayer) == ["good"]
+    assert all("X-Injected" not in r.headers for r in promptlayer.received)
+
+
+async def test_timeouts_and_unreachable_promptlayer_are_stored_as_such(  # type: ignore[no-untyped-def]
+    open_store, make_exporter, promptlayer
+) -> None:
+    store = open_store()
+    exporter = make_exporter(store, request_timeout=0.2, base_backoff=5.0, max_backoff=5.0)
+    promptlayer.delay = 0.5
+    submit(store, "slow")
+    await running(exporter)
+
+    def error(log_id: str) -> str:
+        status = store.get(log_id)
+        return (status.error or "") if status is not None else ""
+
+    try:
+        await wait_until(lambda: bool(error("slow")), what="a timeout")
+        assert error("slow") == "no answer from PromptLayer within 0.2s"
+        await promptlayer.stop()
+        submit(store, "down")
+        await wait_until(lambda: bool(error("down")), what="a connection error")
+        assert error("down").startswith(
+            "cannot reach PromptLayer: ConnectionFailed: cannot connect to http://127.0.0.1:"
+        )
+        assert DEFAULT_KEY not in error("down")
+    finally:
+        await exporter.stop()
+
+
 async def test_without_a_default_key_only_records_with_their_own_key_are_sent(  # type: ignore[no-untyped-def]
     open_store, make_exporter, promptlayer
 ) -> None:
