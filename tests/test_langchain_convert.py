@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from typing import Any
 
@@ -12,10 +13,12 @@ from pydantic import SecretStr
 
 from plproxy_langchain.convert import (
     RunInfo,
+    _message,
     build_payload,
     clean_parameters,
     model_name,
     openai_message,
+    plain_json,
     provider_for,
     to_record,
     usage_of,
@@ -73,6 +76,69 @@ def test_parameters_lose_every_credential() -> None:
         "temperature": 0.2, "max_tokens": 16, "stop": ["a", "b"], "default_headers": {"X-Team": "t"},
         "client": "<Client>", "extra": {"n": 1},
     }
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    NESTED = ("a", 1)
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Tag(str):
+    pass
+
+
+class ChatWithFallback(ChatGeneration):
+    """A chat generation subclass: its message is found like ChatGeneration's."""
+
+
+class WithProperty(Generation):
+    @property
+    def message(self) -> AIMessage:
+        return AIMessage("from a property")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None), (True, True), (3, 3), (2.5, 2.5), ("s", "s"),
+        (Tag("t"), "t"), (Level.HIGH, 3), (Colour.RED, "red"), (Colour.NESTED, ["a", 1]),
+        ({1: "one", "api_key": "x", "ok": SecretStr("s"), "n": {"token": "t", "m": [1, (2, 3)]}},
+         {"1": "one", "n": {"m": [1, [2, 3]]}}),
+        ([SecretStr("s"), "kept", {"password": "p"}], ["kept", {}]),
+        (frozenset({"only"}), ["only"]), ({"x"}, ["x"]),
+        (Client(), "<Client>"), (int, "<type>"),
+        (AIMessage("hi"), AIMessage("hi").model_dump()),
+    ],
+)
+def test_plain_json(value: Any, expected: Any) -> None:
+    assert plain_json(value) == expected
+
+
+def test_plain_json_stops_at_depth() -> None:
+    deep: Any = "leaf"
+    for _ in range(30):
+        deep = {"k": [deep]}
+    text = str(plain_json(deep))
+    assert "<nested too deep>" in text
+    assert "leaf" not in text
+
+
+@pytest.mark.parametrize(
+    ("generation", "expected"),
+    [
+        (Generation(text="plain"), None),
+        (ChatGeneration(message=AIMessage("chat")), "chat"),
+        (ChatWithFallback(message=AIMessage("sub")), "sub"),
+        (WithProperty(text="p"), "from a property"),
+    ],
+)
+def test_the_message_of_a_generation(generation: Any, expected: str | None) -> None:
+    message = _message(generation)
+    assert (message.content if message is not None else None) == expected
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import copy
 import functools
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,18 @@ def test_mapping_keeps_the_captures_times_to_the_microsecond() -> None:
 ])
 def test_iso_time(epoch: float, text: str) -> None:
     assert iso_time(epoch) == text
+
+
+def test_iso_time_rounds_as_datetime_does() -> None:
+    import random
+
+    rng = random.Random(7)
+    edges = [1e9 + k / 1e6 + d for k in range(0, 3_000_000, 7919) for d in (0.0, 5e-7, -5e-7, 9.999e-7)]
+    epochs = [rng.uniform(0, 4e9) for _ in range(5000)] + edges + [
+        0.0, -0.0000004, -1.5, 0.9999999999, 1.9999995, 1700000000.9999996, 1700000000.0000005]
+    for epoch in epochs:
+        expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
+        assert iso_time(epoch) == expected.replace("+00:00", "Z"), epoch
 
 
 # --- credentials ---------------------------------------------------------------------------------

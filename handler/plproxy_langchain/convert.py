@@ -215,6 +215,22 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _message(generation: Any) -> Any:
+    """A chat generation's message, None for an LLM's plain `Generation`: without asking the latter,
+    whose missing attribute takes pydantic's slow path (an exception raised and caught inside)."""
+    return None if _lacks(generation.__class__, "message") else getattr(generation, "message", None)
+
+
+@functools.lru_cache(maxsize=256)
+def _lacks(cls: type, name: str) -> bool:
+    """A pydantic model class that has no attribute `name`, and no extra fields that could hold one."""
+    fields = getattr(cls, "model_fields", None)
+    config = getattr(cls, "model_config", None)
+    if not isinstance(fields, dict) or not isinstance(config, dict) or name in fields:
+        return False
+    return config.get("extra") != "allow" and not hasattr(cls, name)
+
+
 def _usage_from(mapping: Any) -> dict[str, int] | None:
     if not isinstance(mapping, Mapping):
         return None
@@ -238,7 +254,7 @@ def usage_of(result: Any) -> dict[str, int] | None:
                 return usage
     for generations in getattr(result, "generations", None) or []:
         for generation in generations:
-            message = getattr(generation, "message", None)
+            message = _message(generation)
             if (usage := _usage_from(getattr(message, "usage_metadata", None))) is not None:
                 return usage
             if (usage := _usage_from(getattr(generation, "generation_info", None))) is not None:
@@ -254,7 +270,7 @@ def _response_model(result: Any) -> str | None:
                 return str(llm_output[key])
     for generations in getattr(result, "generations", None) or []:
         for generation in generations:
-            meta = getattr(getattr(generation, "message", None), "response_metadata", None)
+            meta = getattr(_message(generation), "response_metadata", None)
             if isinstance(meta, Mapping):
                 for key in ("model_name", "model"):
                     if isinstance(meta.get(key), str) and meta[key]:
@@ -264,7 +280,7 @@ def _response_model(result: Any) -> str | None:
 
 def _finish_reason(generation: Any) -> str | None:
     for source in (getattr(generation, "generation_info", None),
-                   getattr(getattr(generation, "message", None), "response_metadata", None)):
+                   getattr(_message(generation), "response_metadata", None)):
         if isinstance(source, Mapping) and isinstance(source.get("finish_reason"), str):
             return str(source["finish_reason"])
     return None
@@ -279,7 +295,7 @@ def _choices(run: RunInfo, generations: Sequence[Any]) -> list[dict[str, Any]]:
         if (reason := _finish_reason(generation)) is not None:
             choice["finish_reason"] = reason
         if run.chat:
-            message = getattr(generation, "message", None)
+            message = _message(generation)
             out = openai_message(message) if message is not None else {"content": text}
             out["role"] = "assistant"
             if index == 0 and streamed and not text and not out.get("content"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -141,7 +142,23 @@ def _json_safe(value: Any) -> Any:
 
 def iso_time(epoch: float) -> str:
     """Epoch seconds as RFC 3339 UTC with microseconds, the `date-time` the schema asks for."""
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    # datetime.fromtimestamp's own rounding (half to even, to the microsecond); the date and time of
+    # day are formatted once per second: every record has two of these
+    fraction, whole = math.modf(epoch)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    second = int(whole)
+    cached = _last_second[0]  # one tuple, replaced whole: safe to read from any thread
+    if cached[0] != second:
+        cached = (second, datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:-6])
+        _last_second[0] = cached
+    return f"{cached[1]}.{micros:06d}Z"
+
+
+_last_second: list[tuple[int | None, str]] = [(None, "")]
 
 
 def _json_text(value: object) -> str:
