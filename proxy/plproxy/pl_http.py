@@ -144,8 +144,8 @@ class PromptLayerHTTP:
         for conn in list(self._open):
             if conn.busy:
                 conn.fail(ConnectionFailed("the client was closed"))
-            else:  # TLS connections too: a close_notify exchange would outlive the caller's loop
-                conn.shut(abort=self._tls)
+            else:
+                conn.shut()
         self._open.clear()
 
     # ---- internals -------------------------------------------------------------------------------
@@ -158,10 +158,11 @@ class PromptLayerHTTP:
         return start
 
     def _key_line(self, api_key: str) -> bytes:
-        if not api_key or _BAD_VALUE.search(api_key) or api_key != api_key.strip(" \t"):
+        value = api_key.strip(" \t")  # as a server would read it
+        if not value or _BAD_VALUE.search(value):
             raise InvalidHeaderValue("the API key is not a valid HTTP header value")
         try:
-            line = b"X-API-KEY: " + api_key.encode("latin-1") + b"\r\n"
+            line = b"X-API-KEY: " + value.encode("latin-1") + b"\r\n"
         except UnicodeEncodeError:
             raise InvalidHeaderValue("the API key is not a valid HTTP header value") from None
         if len(self._key_lines) >= 256:  # keys are few; a flood of them must not grow this forever
@@ -175,7 +176,7 @@ class PromptLayerHTTP:
             conn = idle.pop()  # the most recently used: the least likely to have been dropped
             if not conn.lost and loop.time() - conn.idle_since < IDLE_SECONDS:
                 return conn
-            conn.shut(abort=False)
+            conn.shut()
         return None
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
@@ -219,7 +220,7 @@ class PromptLayerHTTP:
             conn.idle_since = conn.loop.time()
             self._idle.append(conn)
         else:
-            conn.shut(abort=False)
+            conn.shut()
         return answer
 
     def _forget(self, conn: _Connection) -> None:
@@ -270,9 +271,11 @@ class _Connection(asyncio.Protocol):
         client = self._client
         self.fail(RequestTimeout(f"no answer from {client.origin} within {client.timeout}s"))
 
-    def shut(self, *, abort: bool) -> None:
+    def shut(self, *, abort: bool = False) -> None:
+        """Close the connection; abort it (no flush, no TLS close_notify) when `abort` or over TLS: a
+        close_notify exchange could outlive the caller's loop, and every answer read was complete."""
         if not self.lost:
-            if abort:
+            if abort or self._client._tls:
                 self.transport.abort()
             else:
                 self.transport.close()
