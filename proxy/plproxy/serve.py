@@ -43,10 +43,6 @@ def serve(
 
         return run_workers(settings, serve_args)
     _return_large_blocks_to_the_os()
-    # The store's writer thread builds records in Python while the loop relays streams. When both want
-    # the GIL, the loop gets it back only after the switch interval (5 ms by default): a stream chunk
-    # that arrives then leaves that much late. A shorter interval bounds that delay.
-    sys.setswitchinterval(_GIL_SWITCH_SECONDS)
     main = _serve(settings, reuse_port=worker_of is not None, multiprocess_dir=multiprocess_dir)
     try:
         import uvloop
@@ -54,8 +50,6 @@ def serve(
         return asyncio.run(main)
     return uvloop.run(main)
 
-
-_GIL_SWITCH_SECONDS = 0.0005
 
 # glibc's mallopt(M_MMAP_THRESHOLD): blocks this large are mapped apart and unmapped when freed.
 _M_MMAP_THRESHOLD = -3
