@@ -343,3 +343,78 @@ def test_json_bytes_encodes_nesting_orjson_refuses() -> None:
     with pytest.raises(TypeError):
         orjson.dumps(deep)
     assert json.loads(dumps(deep)) == deep
+
+
+def _longest_string(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return max([0, *(max(len(str(k)), _longest_string(v)) for k, v in value.items())])
+    if isinstance(value, list | tuple):
+        return max([0, *(_longest_string(v) for v in value)])
+    return 0
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    prompt=st.text(max_size=200),
+    answer=st.text(max_size=200),
+    arguments=st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=4),
+    tags=st.lists(
+        st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=20), max_size=3
+    ),
+)
+def test_a_records_strings_are_never_longer_than_its_captures_bound(
+    prompt: str, answer: str, arguments: dict[str, str], tags: list[str]
+) -> None:
+    # The store encodes a record without searching it for a long string when `string_bound()` says
+    # none can be longer than json_bytes.LARGE_STRING: the bound must hold for every string in it.
+    request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
+    response = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": answer,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": json.dumps(arguments)},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    capture = Capture(
+        log_id="x",
+        kind=CallKind(Api.CHAT, "openai"),
+        annotations=Annotations(tags=tuple(tags)),
+        request_body=orjson.dumps(request),
+        start_time=1.0,
+        end_time=2.0,
+        status_code=200,
+    )
+    capture.add_body(orjson.dumps(response))
+    bound = capture.string_bound()
+    assert bound is not None
+    assert _longest_string(capture.build_payload()) <= bound
+
+
+def test_a_compressed_answer_has_no_string_bound() -> None:
+    capture = Capture(
+        log_id="x",
+        kind=CallKind(Api.CHAT, "openai"),
+        annotations=Annotations(),
+        request_body=b"{}",
+        start_time=1.0,
+        content_encoding="gzip",
+    )
+    assert capture.string_bound() is None  # decoded, it may be far larger than its bytes

@@ -67,6 +67,15 @@ class Capture:
         else:
             self.tail.append(event)
 
+    def string_bound(self) -> int | None:
+        """An upper bound on the length of any string in `build_payload()`'s result, or None when the
+        answer is compressed (decoded, it may be far larger than its bytes). Every string comes from the
+        bytes captured (decoding never lengthens them; re-encoding JSON with escapes at most sixfold) or
+        from a header value (aiohttp caps each at 8 KiB)."""
+        if self.content_encoding and self.content_encoding.lower() != "identity":
+            return None
+        return 6 * (len(self.request_body) + self.body_size + self.events_size) + 64 * 1024
+
     def build_payload(self) -> dict[str, Any]:
         payload = to_log_request(self.to_record())
         return redact_secrets(payload, self.secrets) if self.secrets else payload

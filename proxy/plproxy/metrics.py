@@ -98,6 +98,15 @@ class Metrics:
             registry=r,
         )
         self._models: set[str] = set()
+        self._token_counters: dict[tuple[str, str], Counter] = {}
+
+    def token_counter(self, direction: str, model: str) -> Counter:
+        """`tokens.labels(direction, model)`, looked up once per pair (a label lookup costs ~1 µs)."""
+        key = (direction, model)
+        counter = self._token_counters.get(key)
+        if counter is None:
+            counter = self._token_counters[key] = self.tokens.labels(direction, model)
+        return counter
 
     def model_label(self, model: str | None) -> str:
         """A bounded label for a client-chosen model name."""

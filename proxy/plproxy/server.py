@@ -129,7 +129,7 @@ def count_tokens(metrics: Metrics, payload: dict[str, Any]) -> None:
     for direction, key in (("in", "input_tokens"), ("out", "output_tokens")):
         tokens = payload.get(key)
         if isinstance(tokens, int) and tokens > 0:
-            metrics.tokens.labels(direction, model).inc(tokens)
+            metrics.token_counter(direction, model).inc(tokens)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -199,7 +199,13 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
                     fields["output_tokens"] = payload.get("output_tokens")
                     log_call.info("call", extra={"fields": fields})
 
-        store.submit(capture.log_id, build, api_key=api_key, followups=control_api.header_followups(pl))
+        store.submit(
+            capture.log_id,
+            build,
+            api_key=api_key,
+            followups=control_api.header_followups(pl),
+            size_hint=capture.string_bound(),
+        )
 
     app[FORWARDER] = Forwarder(settings, app[SESSION], submit, metrics)
     exporter.start()

@@ -209,6 +209,7 @@ class _NewRecord:
     api_key: str | None
     followups: Sequence[tuple[str, dict[str, Any]]]
     created: float
+    size_hint: int | None  # bounds the length of every string in the payload (json_bytes.dumps)
 
 
 @dataclass(slots=True)
@@ -452,14 +453,18 @@ class Store:
         *,
         api_key: str | None = None,
         followups: Sequence[tuple[str, dict[str, Any]]] = (),
+        size_hint: int | None = None,
     ) -> None:
-        """Queue a record; the writer thread calls `build_payload()` and commits it. Never blocks."""
+        """Queue a record; the writer thread calls `build_payload()` and commits it. Never blocks.
+        `size_hint`, when known, bounds the length of every string in the payload: small records are
+        then encoded without first searching them for a long string."""
         for kind, _ in followups:
             _check_kind(kind)
         if followups:
             self.followups_submitted += 1
         self._enqueue(
-            _NewRecord(log_id, build_payload, api_key or None, tuple(followups), time.time()), log_id
+            _NewRecord(log_id, build_payload, api_key or None, tuple(followups), time.time(), size_hint),
+            log_id,
         )
 
     def add_followup(self, log_id: str, kind: str, body: Mapping[str, Any]) -> None:
@@ -626,7 +631,8 @@ class Store:
             payload = item.build()
             if not isinstance(payload, dict):
                 raise TypeError(f"build_payload returned {type(payload).__name__}, not dict")
-            data = json_bytes.dumps(payload)  # not orjson's: a large string would cost 15 times its size
+            # not orjson's: a large string would cost 15 times its size
+            data = json_bytes.dumps(payload, size_hint=item.size_hint)
         except Exception as exc:
             log.warning(
                 "store_build_payload_failed",
