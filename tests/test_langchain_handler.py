@@ -841,3 +841,25 @@ async def test_a_burst_just_before_exit_or_fork_is_all_recorded(
     records = promptlayer.log_requests
     assert len(records) == expected, output.decode()
     assert len({meta(r)["_langchain_run_id"] for r in records}) == expected
+
+
+def test_the_background_loop_is_uvloops_when_installed_else_asyncios(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+
+    import uvloop
+
+    from plproxy_langchain.runtime import _new_loop
+
+    loop = _new_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as without the `fast` extra: the import fails
+    loop = _new_loop()
+    try:
+        assert not isinstance(loop, uvloop.Loop)
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()
