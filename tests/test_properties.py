@@ -418,3 +418,33 @@ def test_a_compressed_answer_has_no_string_bound() -> None:
         content_encoding="gzip",
     )
     assert capture.string_bound() is None  # decoded, it may be far larger than its bytes
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.dictionaries(st.text(max_size=10), _json_values, max_size=5),
+    secrets=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3),
+    plant=st.booleans(),
+)
+def test_the_secret_search_by_bytes_never_misses_what_the_walk_would_redact(
+    payload: dict[str, Any], secrets: list[str], plant: bool
+) -> None:
+    # The writer skips redact_secrets' walk when may_hold_secret says no secret is in the payload: that
+    # must never be said of a payload the walk would change.
+    from plproxy.capture import may_hold_secret
+    from plproxy.mapping import redact_secrets
+
+    if plant:  # a secret somewhere inside a string, with text around it
+        payload = {**payload, "planted": {"deep": [f"before {secrets[0]} after"]}}
+    redacted = redact_secrets(payload, secrets)
+    if redacted != payload:
+        assert may_hold_secret(payload, tuple(secrets), 1000)
+    assert may_hold_secret(payload, tuple(secrets), None)  # no bound: always the walk
+    assert may_hold_secret(payload, tuple(secrets), 2 * 1024 * 1024)  # large: always the walk

@@ -7,6 +7,7 @@ loop and after the client has its answer.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 
 from plproxy.apis import CallKind
+from plproxy.json_bytes import LARGE_STRING
 from plproxy.mapping import redact_secrets, to_log_request
 from plproxy.reassembly import assembler_for
 from plproxy.record import Annotations, LogRecord, Outcome
@@ -24,6 +26,29 @@ from plproxy.record import Annotations, LogRecord, Outcome
 # The record says so in `metadata.plproxy_response_truncated`. It bounds what a call holds in memory.
 MAX_RECORDED_BODY_BYTES = 16 * 1024 * 1024
 _TAIL_EVENTS = 8
+
+
+def may_hold_secret(payload: dict[str, Any], secrets: tuple[str, ...], string_bound: int | None) -> bool:
+    """False only when no string (or key) in `payload` contains any of `secrets`.
+
+    Encoding the payload once and searching its bytes costs a third of walking every string of it
+    (`redact_secrets`). It is exact for a secret JSON writes verbatim (no quote, backslash or control
+    character: orjson escapes nothing else), whatever escapes the upstream's own bytes used. Large
+    payloads (orjson would reserve many times their size), secrets that JSON escapes, and anything
+    orjson cannot encode get the walk."""
+    if string_bound is None or string_bound > LARGE_STRING:
+        return True
+    if any(_JSON_ESCAPED.search(secret) for secret in secrets):
+        return True
+    try:
+        data = orjson.dumps(payload)
+        needles = [secret.encode() for secret in secrets]
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return True
+    return any(needle in data for needle in needles)
+
+
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
 
 @dataclass(slots=True, kw_only=True)
@@ -78,7 +103,9 @@ class Capture:
 
     def build_payload(self) -> dict[str, Any]:
         payload = to_log_request(self.to_record())
-        return redact_secrets(payload, self.secrets) if self.secrets else payload
+        if self.secrets and may_hold_secret(payload, self.secrets, self.string_bound()):
+            payload = redact_secrets(payload, self.secrets)
+        return payload
 
     def to_record(self) -> LogRecord:
         request = _json_object(self.request_body)
