@@ -48,7 +48,9 @@ def summary_row(summary: RecordSummary) -> tuple[str, ...]:
     tags = ",".join(summary.tags) or "-"
     if len(tags) > 30:
         tags = tags[:29] + "…"
-    return (stamp, summary.log_id[:8], summary.state, summary.model or "-", tags, latency, tokens)
+    # the whole id: proxied calls' ids begin with their time (version 7), so a prefix would not tell
+    # records apart; and the whole id is what `/plproxy/logs/{id}` and PromptLayer's metadata hold
+    return (stamp, summary.log_id, summary.state, summary.model or "-", tags, latency, tokens)
 
 
 def _print_table(rows: list[tuple[str, ...]], out: TextIO, *, header: bool) -> None:
