@@ -448,3 +448,32 @@ def test_the_secret_search_by_bytes_never_misses_what_the_walk_would_redact(
         assert may_hold_secret(payload, tuple(secrets), 1000)
     assert may_hold_secret(payload, tuple(secrets), None)  # no bound: always the walk
     assert may_hold_secret(payload, tuple(secrets), 2 * 1024 * 1024)  # large: always the walk
+
+
+def test_a_record_without_the_callers_credential_skips_the_walk_and_one_with_it_is_redacted() -> None:
+    from plproxy.capture import may_hold_secret
+
+    key = "sk-live-0123456789abcdefghijkl"
+
+    def capture(answer_text: str) -> Capture:
+        c = Capture(
+            log_id="x",
+            kind=CallKind(Api.CHAT, "openai"),
+            annotations=Annotations(),
+            request_body=orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+            start_time=1.0,
+            end_time=2.0,
+            status_code=200,
+            secrets=(key,),
+        )
+        message = {"role": "assistant", "content": answer_text}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        c.add_body(orjson.dumps({"id": "c", "object": "chat.completion", "model": "m", "choices": [choice]}))
+        return c
+
+    clean = capture("hello")
+    assert not may_hold_secret(to_log_request(clean.to_record()), (key,), clean.string_bound())
+    leaky = capture(f"your key {key} was refused")
+    assert may_hold_secret(to_log_request(leaky.to_record()), (key,), leaky.string_bound())
+    assert key.encode() not in orjson.dumps(leaky.build_payload())
+    assert b"[REDACTED]" in orjson.dumps(leaky.build_payload())
