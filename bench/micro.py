@@ -104,6 +104,7 @@ def results() -> list[tuple[str, Any]]:
         lambda: per_op(lambda: forwarder.client_response_headers(RESPONSE_HEADERS, rewritten=False), 20000),
     )
     item("new_log_id (uuid4 + str)", lambda: per_op(record.new_log_id, 20000))
+    item("LogIds.next (version 7, buffered; the proxy's)", lambda: per_op(record.LogIds().next, 20000))
 
     metrics = Metrics()
 

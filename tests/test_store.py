@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from plproxy.metrics import Metrics
-from plproxy.store import DB_FILENAME, SCHEMA_VERSION, Store, StoreError
+from plproxy.store import CLAIM_DUE_RECORDS, DB_FILENAME, SCHEMA_VERSION, Store, StoreError
 
 KEY = "pl_tenant_key_0123456789abcdef"
 
@@ -711,10 +711,8 @@ def test_a_claim_reads_the_backlog_in_index_order_without_sorting_it(tmp_path: P
     store = Store(tmp_path, has_default_key=True)
     try:
         conn = sqlite3.connect(tmp_path / DB_FILENAME)
-        plan = conn.execute(
-            "EXPLAIN QUERY PLAN SELECT log_id FROM records WHERE state = 'pending'"
-            " AND next_attempt <= ? AND lease_until <= ? ORDER BY next_attempt, created LIMIT ?",
-            (0, 0, 8),
+        plan = conn.execute(  # the store's own statement, as claim_due runs it
+            "EXPLAIN QUERY PLAN " + CLAIM_DUE_RECORDS, (1.0, "owner", 0.0, 0.0, 0, 8)
         ).fetchall()
         conn.close()
         details = " / ".join(str(row[3]) for row in plan)

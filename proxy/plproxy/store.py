@@ -310,6 +310,16 @@ _MIGRATIONS: Final = (
     ),
 )
 
+# Leases the oldest due records: (lease_until, owner, now, now, own key required 0/1, limit). The due
+# index's order is the ORDER BY's, so SQLite reads `limit` rows, never the whole backlog.
+CLAIM_DUE_RECORDS: Final = (
+    "UPDATE records SET lease_until = ?, lease_owner = ? WHERE log_id IN ("
+    " SELECT log_id FROM records WHERE state = 'pending'"
+    " AND next_attempt <= ? AND lease_until <= ? AND (? = 0 OR api_key IS NOT NULL)"
+    " ORDER BY next_attempt, created LIMIT ?)"
+    " RETURNING log_id, api_key, attempts"
+)
+
 # Clears a record's own key once nothing is left to send with it.
 _FORGET_KEY = """
 UPDATE records SET api_key = NULL
@@ -963,12 +973,7 @@ class Store:
         now = time.time() if now is None else now
         with self._ops_txn() as conn:
             rows = conn.execute(
-                "UPDATE records SET lease_until = ?, lease_owner = ? WHERE log_id IN ("
-                " SELECT log_id FROM records WHERE state = 'pending'"
-                " AND next_attempt <= ? AND lease_until <= ? AND (? = 0 OR api_key IS NOT NULL)"
-                " ORDER BY next_attempt, created LIMIT ?)"
-                " RETURNING log_id, api_key, attempts",
-                (now + lease_seconds, self._owner, now, now, int(require_own_key), limit),
+                CLAIM_DUE_RECORDS, (now + lease_seconds, self._owner, now, now, int(require_own_key), limit)
             ).fetchall()
             # Payloads are read apart: RETURNING holds every returned row in memory several times over,
             # about 6 times a payload's size, where a plain SELECT costs about twice.
