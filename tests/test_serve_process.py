@@ -148,3 +148,16 @@ async def test_one_log_line_per_call_with_tokens_and_no_bodies(
     unrecorded = next(line for line in calls if line["log_id"] is None)
     assert unrecorded["path"] == "/models"
     assert "prompt-canary" not in proxy.output()
+
+
+def test_startup_objects_are_frozen_out_of_the_cycle_collector() -> None:
+    import gc
+
+    from plproxy import serve
+
+    before = gc.get_freeze_count()
+    try:
+        serve._freeze_startup_objects()
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()

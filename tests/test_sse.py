@@ -224,3 +224,43 @@ def test_decoding_is_lossless(stream: bytes) -> None:
 def test_encode_then_decode_round_trips(text: str, event: str | None) -> None:
     (decoded,) = decode(encode_event(text, event))
     assert (decoded.data, decoded.event) == (text.replace("\r\n", "\n").replace("\r", "\n"), event)
+
+
+@st.composite
+def block_aligned_chunks(draw: st.DrawFn) -> list[bytes]:
+    """A stream cut only between blocks, as LLM APIs send it: most chunks then take the decoder's fast
+    path for whole `data: …` blocks, some (other fields, CRLF, several lines) the general parse."""
+    blocks: list[bytes] = []
+    for _ in range(draw(st.integers(1, 8))):
+        if draw(st.booleans()):
+            blocks.append(b"data: " + draw(_field_text).encode() + b"\n\n")
+        else:
+            newline = draw(_newline)
+            lines = draw(st.lists(_line, min_size=1, max_size=3))
+            blocks.append(b"".join(line + newline for line in lines) + draw(_newline))
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(blocks)), max_size=len(blocks)))))
+    bounds = [0, *cuts, len(blocks)]
+    return [b"".join(blocks[a:b]) for a, b in itertools.pairwise(bounds) if a < b]
+
+
+@given(block_aligned_chunks())
+def test_chunks_cut_between_blocks_give_the_same_events_as_byte_by_byte(chunks: list[bytes]) -> None:
+    stream = b"".join(chunks)
+    assert decode_chunks(chunks) == decode_chunks([bytes([b]) for b in stream])
+
+
+def test_whole_data_blocks_after_the_first_chunk() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b'data: {"a":1}\n\n') == [SSEEvent(raw=b'data: {"a":1}\n\n', data='{"a":1}')]
+    two = b'data: {"b":2}\n\ndata: caf\xc3\xa9\n\n'
+    assert decoder.feed(two) == [
+        SSEEvent(raw=b'data: {"b":2}\n\n', data='{"b":2}'),
+        SSEEvent(raw=b"data: caf\xc3\xa9\n\n", data="café"),
+    ]
+    # not whole `data: ` blocks: the general parse, same rules as ever
+    assert decoder.feed(b"data:x\n\nevent: e\ndata: y\n\n") == [
+        SSEEvent(raw=b"data:x\n\n", data="x"),
+        SSEEvent(raw=b"event: e\ndata: y\n\n", data="y", event="e"),
+    ]
+    assert decoder.feed(b"data: 1\ndata: 2\n\n") == [SSEEvent(raw=b"data: 1\ndata: 2\n\n", data="1\n2")]
+    assert decoder.close() == []
