@@ -78,8 +78,8 @@ def _freeze_startup_objects() -> None:
     """Keep what start-up made (modules, classes, functions: ~50,000 objects) out of the cycle collector.
 
     Python's full collection walks every object it tracks, and the first one comes a few seconds into
-    the load: measured under 100 concurrent streams, it held the event loop for 25 to 45 ms, which every
-    chunk then waited (the worst per-chunk delay fell from 33 to 46 ms to 5 to 8 ms with this). Frozen objects
+    the load: measured under 100 concurrent streams, it held the event loop for 25-45 ms, which every
+    chunk then waited (with this, the worst per-chunk delay fell from 33-46 ms to 5-8 ms). Frozen objects
     are never collected, so garbage is collected first; what is made later is collected as before."""
     gc.collect()
     gc.freeze()
