@@ -216,6 +216,32 @@ async def test_a_commit_wakes_the_exporter_at_once(open_store, make_exporter, pr
         await exporter.stop()
 
 
+async def test_new_work_after_the_store_emptied_gathers_for_one_claim(  # type: ignore[no-untyped-def]
+    open_store, make_exporter, promptlayer
+) -> None:
+    """At a moderate rate every commit (one per ~20 ms) would otherwise cost a claim of its own and a
+    mark of its own: a transaction and a hand-off to a thread each."""
+    store = open_store()
+    counting = CountingStore(store)
+    exporter = make_exporter(counting, poll_interval=30.0)  # polling would not find them in time
+    await running(exporter)
+    try:
+        submit(store, "first")
+        await promptlayer.wait_for_log_requests(1, timeout=2)  # that claim emptied the store
+        claims_before = counting.calls["claim_due"]
+        t0 = time.monotonic()
+        for i in range(8):  # eight commits 10 ms apart, each of which wakes the exporter
+            submit(store, f"r{i}", i)
+            assert await asyncio.to_thread(store.sync)
+            await asyncio.sleep(0.01)
+        await promptlayer.wait_for_log_requests(9, timeout=2)
+        waited = time.monotonic() - t0
+    finally:
+        await exporter.stop()
+    assert counting.calls["claim_due"] - claims_before <= 2, counting.calls
+    assert waited < 1.0  # claimed when the pace ended, not at the next poll
+
+
 async def test_records_written_by_another_process_are_found_by_polling(  # type: ignore[no-untyped-def]
     tmp_path, open_store, make_exporter, promptlayer
 ) -> None:
