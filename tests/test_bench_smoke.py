@@ -68,3 +68,48 @@ def test_quick_harness_runs_every_phase(tmp_path: Path) -> None:
     except ImportError:
         return
     assert (tmp_path / "latest.png").stat().st_size > 10_000
+
+
+@pytest.mark.timeout(180)
+def test_variants_measures_each_variant_in_each_round(tmp_path: Path) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.variants",
+        "rate",
+        "--variant",
+        "off",
+        "--variant",
+        "on:PLPROXY_LOG_LEVEL=warning",
+        "--pairs",
+        "2",
+        "--window",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--rate",
+        "100",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=170, check=False)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split()[2] for line in rounds] == ["off", "on", "off", "on"]  # interleaved
+    medians = done.stdout.split("medians over 2 round(s), rate:")[1]
+    for name in ("off", "on"):
+        line = next(line for line in medians.splitlines() if line.split()[:1] == [name])
+        assert "p50_ms=" in line, line
+        assert "cpu_us=" in line, line
+
+
+def test_a_variant_names_plproxy_settings_or_a_built_in() -> None:
+    import argparse
+
+    from bench.variants import parse_variant
+
+    assert parse_variant("on") == ("on", {})
+    assert parse_variant("pace:A=1,B=x=y") == ("pace", {"A": "1", "B": "x=y"})
+    for bad in ("", ":A=1", "x:A", "relay:A=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"ENV=VALUE|no name|takes no environment"):
+            parse_variant(bad)
