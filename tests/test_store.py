@@ -726,3 +726,36 @@ def test_a_claim_reads_the_backlog_in_index_order_without_sorting_it(tmp_path: P
         assert claimed == [f"r{n:02d}" for n in range(30)]  # oldest first
     finally:
         store.close()
+
+
+def _busy_build(seconds: float, n: int) -> Any:
+    def build() -> dict[str, Any]:
+        deadline = time.perf_counter() + seconds  # Python work under the GIL, like a long stream's body
+        while time.perf_counter() < deadline:
+            pass
+        return log_payload(n)
+
+    return build
+
+
+def test_the_writer_hands_the_gil_over_between_long_builds(tmp_path: Path, monkeypatch: Any) -> None:
+    from plproxy import store as store_module
+
+    handovers: list[int] = []
+    monkeypatch.setattr(store_module, "_hand_over_gil", lambda: handovers.append(threading.get_ident()))
+    store = Store(tmp_path, has_default_key=True)
+    try:
+        for i in range(10):
+            store.submit(f"long-{i}", _busy_build(0.0003, i))
+        assert store.sync()
+        long_ones = list(handovers)
+        handovers.clear()
+        for i in range(10):
+            store.submit(f"short-{i}", _busy_build(0.0, i))
+        assert store.sync()
+    finally:
+        store.close()
+    assert len(long_ones) >= 9  # after every record that built for longer than the slice
+    assert threading.get_ident() not in long_ones  # the writer's, not the caller's
+    assert len(handovers) <= 2  # short bodies share a slice
+    assert store_module._GIL_HANDOVER_SECONDS > 0  # a zero sleep would rarely hand anything over

@@ -101,6 +101,15 @@ _MAX_BATCH = 500  # records per group commit
 # calls instead of one (at 500 calls/s, ~170 µs of CPU per record alone, ~35 in batches of 10 or
 # more), still well within the ~100 ms in which a record is promised to be committed.
 _GATHER_SECONDS = 0.02
+# Building a batch's bodies is Python, under the GIL, while the event loop may be waiting to relay a chunk:
+# the loop would wait for the whole batch (five stream records: ~250 µs), or 5 ms for Python to force a
+# switch. After this much building the writer sleeps a little so that the loop takes the GIL. A zero sleep
+# would not do: the writer usually takes the GIL back before the waiting thread wakes. Measured with
+# `python -m bench.variants` (four interleaved pairs each): per-chunk delay p99 under 100 streams 1.8 ->
+# 1.3 ms; at 500 calls/s, client latency unchanged (p50 and p99 0.1 ms lower) for ~5% more CPU per call.
+# Every 40 µs cut the tail further but cost 15-20% CPU at 500/s; every 150 µs changed nothing.
+_GIL_SLICE_SECONDS = 100e-6
+_GIL_HANDOVER_SECONDS = 50e-6
 # The size cap is measured exactly (three PRAGMAs) only near it, or every this many batches.
 _MEASURE_EVERY = 100
 _HEARTBEAT_SECONDS = 5.0  # an idle writer proves the file is still writable this often
@@ -621,9 +630,13 @@ class Store:
         rows: list[_Row] = []
         followups: list[_FollowupRow] = []
         barriers: list[_Barrier] = []
+        holding_since = time.perf_counter()
         for item in batch:
             if isinstance(item, _NewRecord):
                 rows.append(self._build(item))
+                if time.perf_counter() - holding_since > _GIL_SLICE_SECONDS:
+                    _hand_over_gil()
+                    holding_since = time.perf_counter()
                 followups.extend(
                     self._followup_row(item.log_id, k, b, item.created) for k, b in item.followups
                 )
@@ -1304,6 +1317,11 @@ def _enable_wal(conn: sqlite3.Connection) -> str:
             if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def _hand_over_gil() -> None:
+    """Let a thread waiting for the GIL (the event loop) have it: see `_GIL_SLICE_SECONDS`."""
+    time.sleep(_GIL_HANDOVER_SECONDS)
 
 
 @contextlib.contextmanager
