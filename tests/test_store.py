@@ -759,3 +759,20 @@ def test_the_writer_hands_the_gil_over_between_long_builds(tmp_path: Path, monke
     assert threading.get_ident() not in long_ones  # the writer's, not the caller's
     assert len(handovers) <= 2  # short bodies share a slice
     assert store_module._GIL_HANDOVER_SECONDS > 0  # a zero sleep would rarely hand anything over
+
+
+def test_the_writer_keeps_the_gil_through_a_large_batch(tmp_path: Path, monkeypatch: Any) -> None:
+    """A large batch means records arrive faster than they are committed: throughput comes first."""
+    from plproxy import store as store_module
+
+    handovers: list[int] = []
+    monkeypatch.setattr(store_module, "_hand_over_gil", lambda: handovers.append(threading.get_ident()))
+    monkeypatch.setattr(store_module, "_GIL_HANDOVER_MAX_BATCH", 4)
+    store = Store(tmp_path, has_default_key=True)
+    try:
+        for i in range(40):  # queued faster than the 20 ms gather: one or two batches of ~40
+            store.submit(f"long-{i}", _busy_build(0.0003, i))
+        assert store.sync()
+    finally:
+        store.close()
+    assert len(handovers) <= 2, len(handovers)  # only a trailing batch small enough may hand over

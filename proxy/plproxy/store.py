@@ -107,9 +107,13 @@ _GATHER_SECONDS = 0.02
 # would not do: the writer usually takes the GIL back before the waiting thread wakes. Measured with
 # `python -m bench.variants` (four interleaved pairs each): per-chunk delay p99 under 100 streams 1.8 ->
 # 1.3 ms; at 500 calls/s, client latency unchanged (p50 and p99 0.1 ms lower) for ~5% more CPU per call.
-# Every 40 µs cut the tail further but cost 15-20% CPU at 500/s; every 150 µs changed nothing.
+# Every 40 µs cut the tail further but cost 15-20% CPU at 500/s; every 150 µs changed nothing. Not in a
+# large batch: records then arrive faster than the writer commits them, the loop is saturated and always
+# wants the GIL, and handing it over at every slice cost 12% of the maximum calls/s (and the LangChain
+# handler, whose caller calls back to back, 12 µs per call).
 _GIL_SLICE_SECONDS = 100e-6
 _GIL_HANDOVER_SECONDS = 50e-6
+_GIL_HANDOVER_MAX_BATCH = 32
 # The size cap is measured exactly (three PRAGMAs) only near it, or every this many batches.
 _MEASURE_EVERY = 100
 _HEARTBEAT_SECONDS = 5.0  # an idle writer proves the file is still writable this often
@@ -630,11 +634,12 @@ class Store:
         rows: list[_Row] = []
         followups: list[_FollowupRow] = []
         barriers: list[_Barrier] = []
+        hand_over = len(batch) <= _GIL_HANDOVER_MAX_BATCH
         holding_since = time.perf_counter()
         for item in batch:
             if isinstance(item, _NewRecord):
                 rows.append(self._build(item))
-                if time.perf_counter() - holding_since > _GIL_SLICE_SECONDS:
+                if hand_over and time.perf_counter() - holding_since > _GIL_SLICE_SECONDS:
                     _hand_over_gil()
                     holding_since = time.perf_counter()
                 followups.extend(
