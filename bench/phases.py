@@ -377,25 +377,29 @@ class Bench:
             Target("plproxy", px.url + "/v1", px),
         ]
         for t in targets:
-            args = [
-                "--url",
-                t.base + "/chat/completions",
-                "--concurrency",
-                str(self.o.stream_conns),
-                "--duration",
-                str(self.o.window),
-                "--body",
-                STREAM,
-                "--stagger",
-                "0.2",
-                "--timeout",
-                "10",
-            ]
-            out[t.name] = self.disturbed(
-                f"streams {t.name}", lambda args=args: self.loadgen("streams", args, self.o.window + 40)
-            )
+            out[t.name] = self.disturbed(f"streams {t.name}", lambda t=t: self.stream_load(t))
         self.results["streams"] = out
         self.procs.stop(px)
+
+    def stream_load(self, t: Target) -> dict[str, Any]:
+        """`stream_conns` connections streaming back to back for one window (the upstream's chunks as set)."""
+        args = [
+            "--url",
+            t.base + "/chat/completions",
+            "--concurrency",
+            str(self.o.stream_conns),
+            "--duration",
+            str(self.o.window),
+            "--body",
+            STREAM,
+            "--stagger",
+            "0.2",
+            "--timeout",
+            "10",
+        ]
+        for h in t.headers:
+            args += ["--header", h]
+        return self.loadgen("streams", args, self.o.window + 40)
 
     # ---- (4) RSS ------------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import raise_fd_limit
-from bench.phases import CHAT, LOG_OFF, STREAM, Bench, Options, Target
+from bench.phases import CHAT, LOG_OFF, Bench, Options, Target
 from bench.procs import Proc, Processes
 
 BUILT_IN = ("direct", "relay", "off", "nokey")
@@ -86,23 +86,7 @@ def one_run(bench: Bench, phase: str, name: str, env: dict[str, str], rate: floa
             out = {"p50_ms": res["latency_us"]["p50"] / 1e3, "p99_ms": res["latency_us"]["p99"] / 1e3}
         else:
             bench.configure_upstream(delay=0.0, gap=0.02, chunks=20)
-            args = [
-                "--url",
-                target.base + "/chat/completions",
-                "--concurrency",
-                "100",
-                "--duration",
-                str(bench.o.window),
-                "--body",
-                STREAM,
-                "--stagger",
-                "0.2",
-                "--timeout",
-                "10",
-            ]
-            for header in headers:
-                args += ["--header", header]
-            res = bench.loadgen("streams", args, bench.o.window + 40)
+            res = bench.stream_load(target)
             calls = res["streams"]
             out = {
                 "ttfb_p50_ms": res["ttfb_us"]["p50"] / 1e3,
