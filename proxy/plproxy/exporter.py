@@ -73,8 +73,9 @@ _QUEUED_MAX = _LEASE_MARGIN / 2  # seconds a claimed record may wait for a slot 
 _FOLLOWUPS_ACTIVE = 1.0  # seconds after follow-ups were added during which every pump looks for them
 # Once a claim has emptied the store, the next one waits this long for records to gather (a backlog is
 # claimed without pause). Each claim, and each mark of what it sent, is a transaction and a hand-off to a
-# thread; at 500 calls/s one claim per commit (every 20 ms) cost ~100 µs of CPU per record more than
-# one per 100 ms. A record reaches PromptLayer up to this much later; it was committed long before.
+# thread: proxying 500 calls/s, one claim per commit (every 20 ms) cost ~55 µs of CPU per call more than
+# one per 100 ms, and 0.1-0.2 ms of client latency at p50 (three interleaved pairs of runs). A record
+# reaches PromptLayer up to this much later; it was committed long before.
 _CLAIM_PACE = 0.1
 
 T = TypeVar("T")
