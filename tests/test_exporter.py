@@ -217,10 +217,13 @@ async def test_a_commit_wakes_the_exporter_at_once(open_store, make_exporter, pr
 
 
 async def test_new_work_after_the_store_emptied_gathers_for_one_claim(  # type: ignore[no-untyped-def]
-    open_store, make_exporter, promptlayer
+    open_store, make_exporter, promptlayer, monkeypatch
 ) -> None:
     """At a moderate rate every commit (one per ~20 ms) would otherwise cost a claim of its own and a
     mark of its own: a transaction and a hand-off to a thread each."""
+    from plproxy import exporter as exporter_module
+
+    monkeypatch.setattr(exporter_module, "_CLAIM_PACE", 0.5)  # room for the commits on a slow machine
     store = open_store()
     counting = CountingStore(store)
     exporter = make_exporter(counting, poll_interval=30.0)  # polling would not find them in time
@@ -239,7 +242,7 @@ async def test_new_work_after_the_store_emptied_gathers_for_one_claim(  # type: 
     finally:
         await exporter.stop()
     assert counting.calls["claim_due"] - claims_before <= 2, counting.calls
-    assert waited < 1.0  # claimed when the pace ended, not at the next poll
+    assert waited < 2.0  # claimed when the pace ended, not at the next poll (30 s)
 
 
 async def test_records_written_by_another_process_are_found_by_polling(  # type: ignore[no-untyped-def]
