@@ -79,7 +79,7 @@ def _freeze_startup_objects() -> None:
 
     Python's full collection walks every object it tracks, and the first one comes a few seconds into
     the load: measured under 100 concurrent streams, it held the event loop for 25-45 ms, which every
-    chunk then waited (with this, the worst per-chunk delay fell from 33-46 ms to 5-8 ms). Frozen objects
+    chunk then waited (with this, the worst per-chunk delay fell from 18-46 ms to 5-12 ms). Frozen objects
     are never collected, so garbage is collected first; what is made later is collected as before."""
     gc.collect()
     gc.freeze()
