@@ -381,25 +381,30 @@ class Bench:
         self.results["streams"] = out
         self.procs.stop(px)
 
-    def stream_load(self, t: Target) -> dict[str, Any]:
-        """`stream_conns` connections streaming back to back for one window (the upstream's chunks as set)."""
+    def stream_load(
+        self, t: Target, seconds: float | None = None, extra: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """`stream_conns` connections streaming back to back for `seconds` (one window by default), the
+        upstream's chunks as configured; `extra`: more `bench.loadgen streams` arguments."""
+        seconds = self.o.window if seconds is None else seconds
         args = [
             "--url",
             t.base + "/chat/completions",
             "--concurrency",
             str(self.o.stream_conns),
             "--duration",
-            str(self.o.window),
+            str(seconds),
             "--body",
             STREAM,
             "--stagger",
             "0.2",
             "--timeout",
             "10",
+            *extra,
         ]
         for h in t.headers:
             args += ["--header", h]
-        return self.loadgen("streams", args, self.o.window + 40)
+        return self.loadgen("streams", args, seconds + 40)
 
     # ---- (4) RSS ------------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.phases import LOG_OFF, STREAM, Bench, Target
+from bench.phases import LOG_OFF, Bench, Target
 from bench.procs import Proc, run_pinned
 
 RATE_HZ = 250
@@ -191,22 +191,9 @@ def run(bench: Bench) -> None:
     for name in ("streams-plproxy", "streams-relay"):
         proc = fresh(f"{name}-proc") if name == "streams-plproxy" else bench.relay
         t = Target(name, proc.url + "/v1", proc)
-        args = [
-            "--url",
-            t.base + "/chat/completions",
-            "--concurrency",
-            str(bench.o.stream_conns),
-            "--duration",
-            str(seconds - 1),
-            "--body",
-            STREAM,
-            "--stagger",
-            "0.2",
-            "--no-warm-first",
-        ]
 
-        def streams(args: list[str] = args) -> int:
-            return int(bench.loadgen("streams", args, seconds + 40)["streams"])
+        def streams(t: Target = t) -> int:
+            return int(bench.stream_load(t, seconds - 1, ("--no-warm-first",))["streams"])
 
         try:
             profile(name, proc, streams)
