@@ -148,25 +148,22 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.monotonic()
                 res = one_run(bench, a.phase, name, env, a.rate)
                 runs[name].append(res)
-                shown = "  ".join(
-                    f"{k}={v:.3f}" if k.endswith("ms") else f"{k}={v:.0f}" for k, v in res.items()
-                )
                 print(
-                    f"round {round_no}  {name:<12} {shown}  ({time.monotonic() - started:.0f} s)", flush=True
+                    f"round {round_no}  {name:<12} {_shown(res)}  ({time.monotonic() - started:.0f} s)",
+                    flush=True,
                 )
     finally:
         procs.stop_all()
     print(f"\nmedians over {a.pairs} round(s), {a.phase}:")
     for name, results in runs.items():
         keys = results[0].keys() if results else ()
-        shown = "  ".join(
-            f"{k}={statistics.median(r[k] for r in results):.3f}"
-            if k.endswith("ms")
-            else f"{k}={statistics.median(r[k] for r in results):.0f}"
-            for k in keys
-        )
-        print(f"  {name:<12} {shown}")
+        print(f"  {name:<12} {_shown({k: statistics.median(r[k] for r in results) for k in keys})}")
     return 0
+
+
+def _shown(figures: dict[str, Any]) -> str:
+    """`name=value` pairs: milliseconds to the microsecond, CPU in whole µs."""
+    return "  ".join(f"{k}={v:.3f}" if k.endswith("ms") else f"{k}={v:.0f}" for k, v in figures.items())
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
+import sys
+import time
 from typing import Any
 
 import aiohttp
 
-from tests.proxy_fixtures import plproxy_command
+from tests.proxy_fixtures import free_port, plproxy_command
 
 CHAT = {"model": "fake-many-chunks-20", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -150,14 +153,47 @@ async def test_one_log_line_per_call_with_tokens_and_no_bodies(
     assert "prompt-canary" not in proxy.output()
 
 
-def test_startup_objects_are_frozen_out_of_the_cycle_collector() -> None:
-    import gc
-
-    from plproxy import serve
-
-    before = gc.get_freeze_count()
+def test_serve_freezes_startup_objects_before_it_listens(tmp_path: Any) -> None:
+    """The first full collection under load once held the event loop 25-45 ms: `plproxy serve` must
+    take what start-up made out of the collector's reach before the first call can arrive."""
+    traced = (
+        "import gc, sys\n"
+        "from plproxy import serve\n"
+        "freeze = serve._freeze_startup_objects\n"
+        "def traced():\n"
+        "    freeze()\n"
+        "    print('frozen', gc.get_freeze_count(), flush=True)\n"
+        "serve._freeze_startup_objects = traced\n"
+        "from plproxy.cli import main\n"
+        "sys.exit(main(['serve']))\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "PLPROXY_PORT": str(free_port()),
+        "PLPROXY_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", traced], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
     try:
-        serve._freeze_startup_objects()
-        assert gc.get_freeze_count() > before
+        assert process.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any('"listening"' in line for line in lines):
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
     finally:
-        gc.unfreeze()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+    frozen = [i for i, line in enumerate(lines) if line.startswith("frozen ")]
+    listening = [i for i, line in enumerate(lines) if '"listening"' in line]
+    assert frozen, lines
+    assert listening, lines
+    assert frozen[0] < listening[0]  # before the first call could arrive
+    assert int(lines[frozen[0]].split()[1]) > 10_000  # modules, classes, functions: start-up's objects
