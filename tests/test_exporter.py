@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from plproxy.exporter import Exporter, _parse_retry_after
+from plproxy.exporter import MARK_BATCH, Exporter, _parse_retry_after
 from plproxy.metrics import Metrics
 from plproxy.store import DB_FILENAME, Store
 from tests.fakes.promptlayer import PromptLayerStandIn
@@ -178,8 +179,55 @@ async def test_records_are_claimed_and_marked_in_batches(open_store, make_export
     calls = counting.calls
     assert calls["mark_exported"] == 0
     assert 5 <= calls["claim_due"] <= 20, calls  # 201 records in batches of up to 50, not one by one
-    assert calls["mark_exported_many"] <= 40, calls  # a transaction per buffer of marks, not per record
+    # a transaction per buffer of marks (up to MARK_BATCH), not per record or per few records: when
+    # every unmarked record held its send slot, these 201 records took 27 mark transactions
+    assert calls["mark_exported_many"] <= 12, calls
     assert calls["claim_due_followups"] <= 20, calls  # looked for only when some may be due
+
+
+class SlowMarkingStore:
+    """A store whose mark transactions wait until `release()` (a disk that stalls)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._go = threading.Event()
+
+    def release(self) -> None:
+        self._go.set()
+
+    def mark_exported_many(self, *args: Any, **kwargs: Any) -> Any:
+        self._go.wait(10)
+        return self._store.mark_exported_many(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+async def test_exported_records_waiting_for_their_mark_bound_what_a_crash_sends_again(  # type: ignore[no-untyped-def]
+    open_store, make_exporter, promptlayer
+) -> None:
+    """Sending does not wait for each mark, but records PromptLayer has and the store has not marked
+    (what a crash would send again) never exceed the send slots plus one buffer of marks."""
+    store = open_store()
+    for i in range(100):
+        submit(store, f"r{i:03d}", i)
+    assert store.sync()
+    slow = SlowMarkingStore(store)
+    exporter = make_exporter(slow, batch_size=50, concurrency=4)
+    await running(exporter)
+    try:
+        bound = 4 + MARK_BATCH
+        await wait_until(lambda: len(promptlayer.log_requests) >= bound, what=f"{bound} exports")
+        await asyncio.sleep(0.3)  # room for any send the bound should have held back
+        assert len(promptlayer.log_requests) == bound
+        assert store.counts()["exported"] == 0  # none marked yet: all of them would go again
+        slow.release()
+        await wait_until(lambda: exporter.exported_count == 100, what="100 exports")
+    finally:
+        slow.release()
+        await exporter.stop()
+    assert sorted(arrived_ids(promptlayer)) == [f"r{i:03d}" for i in range(100)]  # each once
+    assert store.counts()["exported"] == 100
 
 
 async def test_claimed_records_waiting_for_a_slot_are_released_on_stop(  # type: ignore[no-untyped-def]
