@@ -222,6 +222,26 @@ async def test_llm_invoke_is_a_completion_record(env: Path, promptlayer: PromptL
     assert record["parameters"]["responses"] == ["a completion"]
 
 
+async def test_the_promptlayer_key_in_a_run_never_reaches_a_body(
+    env: Path, promptlayer: PromptLayerStandIn
+) -> None:
+    """A run may hold the key the handler exports with (pasted in a prompt, echoed in an answer, in a
+    model's parameters): the body PromptLayer receives, and the stored copy, hold `[REDACTED]`."""
+    handler = PromptLayerCallbackHandler(pl_tags=["llm"])
+    llm = FakeListLLM(responses=[f"the key is {KEY}"])
+    assert llm.invoke(f"Remember {KEY} for me", config={"callbacks": [handler]})
+    assert await handler.aflush(10)
+    [record] = promptlayer.log_requests
+    assert_valid([record])
+    text = orjson.dumps(record).decode()
+    assert KEY not in text
+    assert record["input"]["content"] == [{"type": "text", "text": "Remember [REDACTED] for me"}]
+    assert record["output"]["content"] == [{"type": "text", "text": "the key is [REDACTED]"}]
+    assert record["parameters"]["responses"] == ["the key is [REDACTED]"]
+    stored = b"".join(path.read_bytes() for path in env.rglob("plproxy.db*"))
+    assert KEY.encode() not in stored
+
+
 async def test_a_failing_model_gives_an_error_record_and_its_own_exception(
     env: Path, promptlayer: PromptLayerStandIn
 ) -> None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Final
-
-import orjson
+from typing import Any
 
 from plproxy.exporter import Exporter
 from plproxy.store import Store
@@ -24,7 +22,18 @@ from plproxy_langchain.sinks import Outgoing, SinkBase, StoreSpec
 _SWEEP_EVERY = 2.0  # seconds between checks for ids exported by another process
 _SWEEP_AFTER = 5.0  # the exporter's own hook normally comes first
 _SWEEP_BATCH = 200
-REDACTED: Final = b"[REDACTED]"
+
+
+def _guarded(build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    def guarded() -> dict[str, Any]:
+        try:
+            return build()
+        except Exception as exc:
+            warn_once("build_failed", "a LangChain run could not be turned into a record; it is stored "
+                      "as failed with the reason (plproxy logs shows it)", error_type=type(exc).__name__)
+            raise
+
+    return guarded
 
 
 def _states(store: Store, log_ids: list[str]) -> list[Any]:
@@ -62,27 +71,13 @@ class StoreSink(SinkBase):
 
     def _submit(self, item: Outgoing) -> None:
         assert self.store is not None
-        self.store.submit(item.log_id, self._guarded(item.build), followups=item.followups)
+        key = self.spec.api_key
+        # the key must never travel in a body, whatever the model's parameters held: the store replaces
+        # it in the encoded body (one encoding, with its guard against long strings)
+        self.store.submit(item.log_id, _guarded(item.build), followups=item.followups,
+                          scrub=(key,) if key else ())
         if item.callback is not None and self.spec.api_key is not None:
             self._wait_for_id(item.log_id, item.callback)
-
-    def _guarded(self, build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        key = self.spec.api_key
-
-        def guarded() -> dict[str, Any]:
-            try:
-                payload = build()
-            except Exception as exc:
-                warn_once("build_failed", "a LangChain run could not be turned into a record; it is stored "
-                          "as failed with the reason (plproxy logs shows it)", error_type=type(exc).__name__)
-                raise
-            if key:  # the key must never travel in a body, whatever the model's parameters held
-                data = orjson.dumps(payload)
-                if key.encode() in data:
-                    payload = orjson.loads(data.replace(key.encode(), REDACTED))
-            return payload
-
-        return guarded
 
     async def _open(self) -> None:
         assert self._opened is not None

@@ -223,6 +223,7 @@ class _NewRecord:
     followups: Sequence[tuple[str, dict[str, Any]]]
     created: float
     size_hint: int | None  # bounds the length of every string in the payload (json_bytes.dumps)
+    scrub: tuple[str, ...]  # secrets besides `api_key` that must not stay in the body
 
 
 @dataclass(slots=True)
@@ -477,16 +478,26 @@ class Store:
         api_key: str | None = None,
         followups: Sequence[tuple[str, dict[str, Any]]] = (),
         size_hint: int | None = None,
+        scrub: Sequence[str] = (),
     ) -> None:
         """Queue a record; the writer thread calls `build_payload()` and commits it. Never blocks.
         `size_hint`, when known, bounds the length of every string in the payload: small records are
-        then encoded without first searching them for a long string."""
+        then encoded without first searching them for a long string. `scrub`: secrets (a default
+        PromptLayer key, say) replaced in the encoded body, like the record's own `api_key`."""
         for kind, _ in followups:
             _check_kind(kind)
         if followups:
             self.followups_submitted += 1
         self._enqueue(
-            _NewRecord(log_id, build_payload, api_key or None, tuple(followups), time.time(), size_hint),
+            _NewRecord(
+                log_id,
+                build_payload,
+                api_key or None,
+                tuple(followups),
+                time.time(),
+                size_hint,
+                tuple(secret for secret in scrub if secret),
+            ),
             log_id,
         )
 
@@ -676,11 +687,13 @@ class Store:
                 error=f"the record could not be built, nothing was sent: {message}",
                 build_failed=True,
             )
-        if item.api_key and item.api_key.encode() in data:
+        found = [s for s in (item.api_key, *item.scrub) if s and s.encode() in data]
+        if found:
             # A key must never be sent in a body. Scrub it; the JSON stays valid as long as the key
             # needs no escaping, which is checked by parsing it again.
             log.warning("store_payload_contained_key", extra={"fields": {"log_id": item.log_id}})
-            data = data.replace(item.api_key.encode(), REDACTED.encode())
+            for secret in found:
+                data = data.replace(secret.encode(), REDACTED.encode())
             payload = orjson.loads(data)
         model = payload.get("model")
         tags = payload.get("tags")
