@@ -72,8 +72,8 @@ _MARK_DELAY = 0.01  # seconds an exported record waits to be marked with others 
 # ... or until this many wait. Up to this many exported records may wait unmarked without holding a send
 # slot; beyond it they hold theirs, so a crash sends again at most `concurrency + MARK_BATCH` records.
 # When every unmarked record held its slot, sending stalled on each mark and a mark covered ~2 records:
-# draining a backlog cost 72 µs of CPU per record against 45 without that, and exporting 500 records/s
-# 270-350 against 210-345 µs (an exporter alone on one CPU, fed by a script; interleaved runs).
+# an exporter alone on one CPU spent 77-92 µs of CPU per record draining a backlog, 51-74 with the
+# buffer; proxying 500 calls/s, 698 against 624 µs per call (interleaved runs, docs/benchmarks.md).
 MARK_BATCH: Final = 32
 _QUEUED_MAX = _LEASE_MARGIN / 2  # seconds a claimed record may wait for a slot before it is released
 _FOLLOWUPS_ACTIVE = 1.0  # seconds after follow-ups were added during which every pump looks for them
